@@ -1,0 +1,118 @@
+"""The registry of applications: those of the configuration file and those created over the API.
+
+Both kinds are stored in the database (so jobs keep a record of what ran) and kept in memory as
+validated ``AppSpec`` objects for discovery. Applications from the configuration file are
+read-only over the API: the file is their source of truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import plugins
+from .config import AppSpec, Settings, parse_app
+from .db import Database
+from .errors import ConfigError, Conflict, NotFound
+from .options import build, to_plain
+
+
+def app_to_json(app: AppSpec) -> dict[str, Any]:
+    """The table form of an application, as written in the configuration file."""
+    plain = to_plain(app)
+    engine_options = plain.pop("engine_options")
+    plain.update(engine_options)
+    return plain
+
+
+class AppRegistry:
+    """In-memory, validated view of the applications table."""
+
+    def __init__(self, db: Database, settings: Settings, engine_options: Callable[[AppSpec, str], Any]) -> None:
+        self._db = db
+        self._settings = settings
+        self._validate_engine = engine_options
+        self._apps: dict[str, AppSpec] = {}
+        self._origins: dict[str, str] = {}
+        self._engine_options: dict[str, Any] = {}
+        self._sink_ids = {s.id for s in settings.sinks}
+
+    def validate(self, app: AppSpec, where: str) -> Any:
+        """Check references and the engine's own options; returns the built engine options."""
+        for i, sink in enumerate(app.sinks):
+            if sink not in self._sink_ids:
+                raise ConfigError(f"{where}.sinks[{i}]: no sink with id {sink!r} is configured")
+        plugins.load(plugins.ENGINES, app.engine)  # an unknown engine names the installed ones
+        return self._validate_engine(app, where)
+
+    async def load(self) -> None:
+        """Store the configuration's applications, then load every application from the database."""
+        config_specs: dict[str, Mapping[str, Any]] = {}
+        for i, app in enumerate(self._settings.apps):
+            self.validate(app, f"apps[{i}]")
+            config_specs[app.id] = app_to_json(app)
+        await self._db.sync_config_apps(config_specs, time.time())
+        for row in await self._db.list_apps():
+            where = f"application {row['id']!r}"
+            app = parse_app(row["spec"], where)
+            self._engine_options[app.id] = self.validate(app, where)
+            self._apps[app.id] = app
+            self._origins[app.id] = row["origin"]
+
+    def all(self) -> list[AppSpec]:
+        return list(self._apps.values())
+
+    def get(self, app_id: str) -> AppSpec:
+        try:
+            return self._apps[app_id]
+        except KeyError:
+            raise NotFound(f"no application {app_id!r}") from None
+
+    def engine_options(self, app_id: str) -> Any:
+        return self._engine_options[app_id]
+
+    def origin(self, app_id: str) -> str:
+        return self._origins.get(app_id, "api")
+
+    def __contains__(self, app_id: object) -> bool:
+        return app_id in self._apps
+
+    def describe(self, app: AppSpec) -> dict[str, Any]:
+        return {**app_to_json(app), "origin": self.origin(app.id)}
+
+    async def save(self, data: Mapping[str, Any], *, app_id: str | None = None, create: bool) -> AppSpec:
+        """Create or replace an API application from its table form."""
+        if app_id is not None:
+            data = {**data, "id": data.get("id", app_id)}
+            if data["id"] != app_id:
+                raise ConfigError(f"id: cannot change an application's id ({app_id!r} to {data['id']!r})")
+        app = parse_app(data, "application")
+        exists = app.id in self._apps
+        if create and exists:
+            raise Conflict(f"application {app.id!r} already exists")
+        if not create and not exists:
+            raise NotFound(f"no application {app.id!r}")
+        if exists and self.origin(app.id) == "config":
+            raise Conflict(f"application {app.id!r} is defined in the configuration file; change it there")
+        options = self.validate(app, "application")
+        await self._db.put_app(app.id, "api", app_to_json(app), time.time())
+        self._apps[app.id] = app
+        self._origins[app.id] = "api"
+        self._engine_options[app.id] = options
+        return app
+
+    async def delete(self, app_id: str) -> None:
+        self.get(app_id)
+        if self.origin(app_id) == "config":
+            raise Conflict(f"application {app_id!r} is defined in the configuration file; remove it there")
+        await self._db.delete_app(app_id, time.time())
+        self._apps.pop(app_id, None)
+        self._engine_options.pop(app_id, None)
+        self._origins.pop(app_id, None)
+
+
+def build_engine_options(app: AppSpec, where: str) -> Any:
+    """Validate ``app.engine_options`` with its engine's ``Options`` dataclass."""
+    engine_cls = plugins.load(plugins.ENGINES, app.engine)
+    return build(engine_cls.Options, app.engine_options, where)

@@ -1,0 +1,513 @@
+"""The ``mwm`` command: ``serve`` runs the service; every other command is a client of its HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .client import DEFAULT_URL, Client, ClientError
+from .errors import MwmError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+def _age(iso_text: str | None) -> str:
+    if not iso_text:
+        return "-"
+    seconds = time.time() - datetime.fromisoformat(iso_text.replace("Z", "+00:00")).timestamp()
+    return _duration(seconds) + " ago"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    _console().print(table)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_settings
+    from .logs import configure
+    from .service import Service
+
+    config = args.config or (Path(os.environ["MWM_CONFIG"]) if os.environ.get("MWM_CONFIG") else None)
+    try:
+        settings = load_settings(config)
+    except MwmError as exc:
+        print(f"mwm: configuration error: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
+        return EXIT_USAGE
+    configure(args.log_level or settings.server.log_level, args.log_format or settings.server.log_format)
+
+    async def run() -> int:
+        service = Service(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, service.request_stop)
+        try:
+            await service.start()
+            await service.wait()
+        except MwmError as exc:
+            print(f"mwm: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
+            return EXIT_FAILED
+        except OSError as exc:
+            print(f"mwm: cannot start: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+# -- client commands ------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, args.token)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from .send import find_files, send
+
+    try:
+        files = find_files(Path(p) for p in args.paths)
+    except FileNotFoundError as exc:
+        print(f"mwm send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not files:
+        print("mwm send: no files to send", file=sys.stderr)
+        return EXIT_USAGE
+    console = _console()
+    started = time.perf_counter()
+
+    async def run() -> Any:
+        with Progress(
+            TextColumn("sending"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=args.quiet or not console.is_terminal,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("send", total=len(files))
+            async with _client(args) as client:
+                return await send(
+                    client,
+                    files,
+                    apps=args.app,
+                    called_aet=args.called_aet,
+                    calling_aet=args.calling_aet,
+                    correlation_id=args.correlation_id,
+                    concurrency=args.concurrency,
+                    batch_size=args.batch,
+                    on_progress=lambda n, size: progress.update(task, advance=n),
+                )
+
+    summary = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    rate = summary.files / elapsed if elapsed > 0 else 0.0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "files": summary.files,
+                    "stored": summary.stored,
+                    "duplicates": summary.duplicate,
+                    "rejected": summary.rejected,
+                    "failed": summary.failed,
+                    "seconds": round(elapsed, 3),
+                    "bytes": summary.sent_bytes,
+                    "reasons": dict(summary.reasons),
+                }
+            )
+        )
+    else:
+        console.print(
+            f"sent {summary.files} files ({summary.sent_bytes / 1e6:.1f} MB) in {elapsed:.2f}s ({rate:.0f}/s): "
+            f"[green]{summary.stored} stored[/], {summary.duplicate} duplicates, "
+            f"[{'red' if summary.rejected else 'default'}]{summary.rejected} rejected[/], "
+            f"[{'red' if summary.failed else 'default'}]{summary.failed} failed[/]"
+        )
+        for reason, count in summary.reasons.most_common():
+            console.print(f"  {count} x {reason} (e.g. {summary.examples[reason]})", markup=False, highlight=False)
+    return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _api(args: argparse.Namespace, action: Callable[[Client], Awaitable[int]]) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            return await action(client)
+
+    return asyncio.run(run())
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    async def action(client: Client) -> int:
+        if args.action in (None, "list"):
+            data = await client.get("/v1/jobs", state=args.state, app=args.app, limit=args.limit)
+            if args.json:
+                print(json.dumps(data, indent=2))
+                return EXIT_OK
+            _table(
+                "jobs",
+                ["id", "app", "state", "attempt", "instances", "results", "created", "run", "error"],
+                [
+                    (
+                        j["id"],
+                        j["app_id"],
+                        j["state"],
+                        f"{j['attempt']}/{j['max_attempts']}",
+                        j["instance_count"],
+                        j["result_count"],
+                        _age(j["created_at"]),
+                        _duration(j["run_seconds"]),
+                        (j["error"] or "").splitlines()[0][:60] if j["error"] else None,
+                    )
+                    for j in data["jobs"]
+                ],
+            )
+            return EXIT_OK
+        if args.id is None:
+            print(f"mwm jobs {args.action}: a job id is required", file=sys.stderr)
+            return EXIT_USAGE
+        if args.action == "show":
+            job = await client.get(f"/v1/jobs/{args.id}")
+            if args.json:
+                print(json.dumps(job, indent=2))
+                return EXIT_OK
+            _print_job(job)
+            return EXIT_OK
+        if args.action == "log":
+            text = await client.request("GET", f"/v1/jobs/{args.id}/log", expect_json=False)
+            sys.stdout.write(text.decode("utf-8", "replace"))
+            return EXIT_OK
+        job = await client.post(f"/v1/jobs/{args.id}/{args.action}")
+        print(f"job {job['id']}: {job['state']}")
+        return EXIT_OK
+
+    return _api(args, action)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    console = _console()
+    console.print(
+        f"[bold]job {job['id']}[/] {job['app_id']}  state=[bold]{job['state']}[/]  "
+        f"attempt {job['attempt']}/{job['max_attempts']}"
+    )
+    for label, key in (
+        ("study", "study_instance_uid"),
+        ("patient", "patient_id"),
+        ("correlation id", "correlation_id"),
+        ("created", "created_at"),
+        ("started", "started_at"),
+        ("finished", "finished_at"),
+    ):
+        console.print(f"  {label:15} {job.get(key) or '-'}", highlight=False)
+    console.print(f"  {'run time':15} {_duration(job['run_seconds'])}", highlight=False)
+    if job.get("error"):
+        console.print(f"  [red]error[/] {job['error']}", markup=True, highlight=False)
+    for series in job.get("series", []):
+        console.print(
+            f"  series {series['series_instance_uid']} {series['modality']} "
+            f"'{series['series_description']}': {series['instance_count']} instances",
+            highlight=False,
+        )
+    for result in job.get("results", []):
+        console.print(
+            f"  result {result['id']}: {result['path']} ({result['media_type']}, {result['size']} bytes)",
+            highlight=False,
+        )
+    for delivery in job.get("deliveries", []):
+        console.print(
+            f"  delivery {delivery['id']} result {delivery['result_id']} -> {delivery['sink_id']}: "
+            f"{delivery['state']}" + (f" ({delivery['last_error']})" if delivery["last_error"] else ""),
+            highlight=False,
+        )
+    if job.get("result_data"):
+        console.print(f"  result data: {json.dumps(job['result_data'])}", highlight=False, markup=False)
+    if job.get("log_tail"):
+        console.print("  log (last lines):", highlight=False)
+        for line in job["log_tail"].splitlines():
+            console.print(f"    {line}", highlight=False, markup=False)
+
+
+def cmd_apps(args: argparse.Namespace) -> int:
+    async def action(client: Client) -> int:
+        if args.action == "show":
+            print(json.dumps(await client.get(f"/v1/apps/{args.id}"), indent=2))
+            return EXIT_OK
+        if args.action == "delete":
+            await client.delete(f"/v1/apps/{args.id}")
+            print(f"application {args.id} deleted")
+            return EXIT_OK
+        if args.action in ("add", "update"):
+            spec = _read_spec(Path(args.id))
+            if args.action == "add":
+                app = await client.post("/v1/apps", spec)
+            else:
+                app = await client.put(f"/v1/apps/{spec['id']}", spec)
+            print(f"application {app['id']} saved")
+            return EXIT_OK
+        data = await client.get("/v1/apps")
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        _table(
+            "applications",
+            ["id", "engine", "enabled", "match", "grouping", "timeout", "sinks", "origin"],
+            [
+                (
+                    a["id"],
+                    a["engine"],
+                    a["enabled"],
+                    _rules(a["match"]),
+                    a["grouping"],
+                    _duration(a["timeout"]),
+                    ", ".join(a["sinks"]) or "-",
+                    a["origin"],
+                )
+                for a in data["apps"]
+            ],
+        )
+        return EXIT_OK
+
+    return _api(args, action)
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    text = path.read_text(encoding="utf-8")
+    data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    return data
+
+
+def _rules(match: dict[str, Any]) -> str:
+    parts = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in match.items() if v]
+    return " ".join(parts) or "everything"
+
+
+def cmd_buckets(args: argparse.Namespace) -> int:
+    async def action(client: Client) -> int:
+        if args.action == "close":
+            data = await client.post(f"/v1/buckets/{args.id}/close")
+            print(f"bucket {args.id} closed: job {data['job']['id']} {data['job']['state']}")
+            return EXIT_OK
+        data = await client.get("/v1/buckets", app=args.app)
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        _table(
+            "open buckets",
+            ["id", "app", "grouping", "study / group", "instances", "opened", "deadline in"],
+            [
+                (
+                    b["id"],
+                    b["app_id"],
+                    b["grouping"],
+                    b["group_uid"],
+                    b["instance_count"],
+                    _age(b["opened_at"]),
+                    _duration(b["remaining_seconds"]),
+                )
+                for b in data["buckets"]
+            ],
+        )
+        return EXIT_OK
+
+    return _api(args, action)
+
+
+def cmd_sinks(args: argparse.Namespace) -> int:
+    async def action(client: Client) -> int:
+        data = await client.get("/v1/sinks")
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        _table(
+            "sinks",
+            ["id", "kind", "pending", "delivered", "failed", "skipped"],
+            [
+                (
+                    s["id"],
+                    s["kind"],
+                    *(s["deliveries"].get(k, 0) for k in ("pending", "delivered", "failed", "skipped")),
+                )
+                for s in data["sinks"]
+            ],
+        )
+        return EXIT_OK
+
+    return _api(args, action)
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    async def action(client: Client) -> int:
+        if args.action == "retry":
+            data = await client.post(f"/v1/deliveries/{args.id}/retry")
+            print(f"delivery {data['id']}: {data['state']}")
+            return EXIT_OK
+        data = await client.get("/v1/deliveries", state=args.state, sink=args.sink, limit=args.limit)
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        _table(
+            "deliveries",
+            ["id", "job", "result", "sink", "state", "attempts", "last error"],
+            [
+                (d["id"], d["job_id"], d["result_id"], d["sink_id"], d["state"], d["attempts"], d["last_error"])
+                for d in data["deliveries"]
+            ],
+        )
+        return EXIT_OK
+
+    return _api(args, action)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"mwm {__version__}")
+    return EXIT_OK
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("MWM_URL", DEFAULT_URL),
+        help="mwm's HTTP address (default: $MWM_URL or %(default)s)",
+    )
+    parser.add_argument("--token", default=os.environ.get("MWM_TOKEN"), help="bearer token (default: $MWM_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mwm", description="Workload manager for medical-imaging AI.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the service")
+    p.add_argument("--config", type=Path, help="TOML configuration file (default: $MWM_CONFIG or built-in defaults)")
+    p.add_argument("--log-format", choices=("text", "json"), help="log line format (default: from the config)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", help="upload DICOM files or folders to mwm")
+    p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="send to this application, bypassing discovery (repeatable)",
+    )
+    p.add_argument("--called-aet", metavar="AET", help="the AE title the instances are sent to")
+    p.add_argument("--calling-aet", metavar="AET", help="the AE title they are sent from")
+    p.add_argument("--correlation-id", metavar="ID")
+    p.add_argument("--concurrency", type=int, default=4, help="parallel uploads (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="instances per request (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _client_options(p)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("jobs", help="list, show, cancel or retry jobs")
+    p.add_argument("action", nargs="?", choices=("list", "show", "log", "cancel", "retry"))
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--state")
+    p.add_argument("--app")
+    p.add_argument("--limit", type=int, default=50)
+    _client_options(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("apps", help="list, show, add, update or delete applications")
+    p.add_argument("action", nargs="?", choices=("list", "show", "add", "update", "delete"))
+    p.add_argument("id", nargs="?", help="application id (show, delete) or a JSON/TOML file (add, update)")
+    _client_options(p)
+    p.set_defaults(func=cmd_apps)
+
+    p = sub.add_parser("buckets", help="list open buckets or close one now")
+    p.add_argument("action", nargs="?", choices=("list", "close"))
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--app")
+    _client_options(p)
+    p.set_defaults(func=cmd_buckets)
+
+    p = sub.add_parser("sinks", help="list sinks and their deliveries")
+    _client_options(p)
+    p.set_defaults(func=cmd_sinks)
+
+    p = sub.add_parser("deliveries", help="list deliveries or retry a failed one")
+    p.add_argument("action", nargs="?", choices=("list", "retry"))
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--state")
+    p.add_argument("--sink")
+    p.add_argument("--limit", type=int, default=50)
+    _client_options(p)
+    p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    needs_id = {
+        ("buckets", "close"),
+        ("apps", "show"),
+        ("apps", "delete"),
+        ("apps", "add"),
+        ("apps", "update"),
+        ("deliveries", "retry"),
+    }
+    if (args.command, getattr(args, "action", None)) in needs_id and args.id is None:
+        print(f"mwm {args.command} {args.action}: an id is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result: int = args.func(args)
+        return result
+    except ClientError as exc:
+        print(f"mwm: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

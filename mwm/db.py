@@ -1,0 +1,919 @@
+"""The database: schema, migrations and every query (aiosqlite, WAL). Only this module writes SQL.
+
+One connection writes, inside explicit transactions serialised by a lock; a second connection
+reads, so monitoring never sees a transaction half-done. Every state change of a bucket, job or
+delivery is a compare-and-set (``... WHERE state IN (...)``), so concurrent actors (a runner, a
+cancel from the API, a restart) cannot overwrite each other's decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .errors import DatabaseError
+from .timing import bucket_deadline
+
+ACTIVE_JOB_STATES = ("launching", "running", "collecting")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+JOB_STATES = ("scheduled", *ACTIVE_JOB_STATES, *FINAL_JOB_STATES)
+DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE instances (
+        id INTEGER PRIMARY KEY,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        patient_id TEXT NOT NULL DEFAULT '',
+        modality TEXT NOT NULL DEFAULT '',
+        series_description TEXT NOT NULL DEFAULT '',
+        body_part TEXT NOT NULL DEFAULT '',
+        study_date TEXT NOT NULL DEFAULT '',
+        accession_number TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL,
+        calling_aet TEXT NOT NULL DEFAULT '',
+        called_aet TEXT NOT NULL DEFAULT '',
+        peer_address TEXT NOT NULL DEFAULT '',
+        correlation_id TEXT NOT NULL,
+        storage_key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_study ON instances (study_instance_uid);
+    CREATE INDEX instances_received ON instances (received_at);
+
+    CREATE TABLE apps (
+        id TEXT PRIMARY KEY,
+        origin TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+
+    CREATE TABLE buckets (
+        id INTEGER PRIMARY KEY,
+        app_id TEXT NOT NULL,
+        grouping TEXT NOT NULL,
+        group_uid TEXT NOT NULL,
+        state TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL DEFAULT '',
+        patient_id TEXT NOT NULL DEFAULT '',
+        correlation_id TEXT NOT NULL,
+        instance_count INTEGER NOT NULL DEFAULT 0,
+        opened_at REAL NOT NULL,
+        last_arrival_at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        max_deadline REAL NOT NULL,
+        closed_at REAL,
+        close_reason TEXT
+    );
+    CREATE UNIQUE INDEX buckets_one_open ON buckets (app_id, group_uid) WHERE state = 'open';
+    CREATE INDEX buckets_state ON buckets (state, deadline);
+
+    CREATE TABLE bucket_instances (
+        bucket_id INTEGER NOT NULL REFERENCES buckets (id),
+        instance_id INTEGER NOT NULL REFERENCES instances (id),
+        PRIMARY KEY (bucket_id, instance_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX bucket_instances_instance ON bucket_instances (instance_id, bucket_id);
+
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        bucket_id INTEGER NOT NULL UNIQUE REFERENCES buckets (id),
+        app_id TEXT NOT NULL,
+        engine TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        engine_ref TEXT,
+        correlation_id TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL DEFAULT '',
+        patient_id TEXT NOT NULL DEFAULT '',
+        instance_count INTEGER NOT NULL,
+        not_before REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        launched_at REAL,
+        started_at REAL,
+        finished_at REAL,
+        error TEXT,
+        log_key TEXT,
+        result_data TEXT,
+        result_count INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_state ON jobs (state, not_before);
+    CREATE INDEX jobs_app ON jobs (app_id, state);
+
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        path TEXT NOT NULL,
+        storage_key TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        media_type TEXT NOT NULL,
+        sop_instance_uid TEXT,
+        sop_class_uid TEXT,
+        study_instance_uid TEXT,
+        series_instance_uid TEXT,
+        transfer_syntax_uid TEXT,
+        created_at REAL NOT NULL,
+        UNIQUE (job_id, path)
+    );
+
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        result_id INTEGER NOT NULL REFERENCES results (id),
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        sink_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        delivered_at REAL,
+        UNIQUE (result_id, sink_id)
+    );
+    CREATE INDEX deliveries_due ON deliveries (sink_id, state, next_attempt_at);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        app_id TEXT,
+        bucket_id INTEGER,
+        job_id INTEGER,
+        correlation_id TEXT,
+        message TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_job ON events (job_id);
+    """,
+]
+
+
+def _row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    return None if row is None else dict(row)
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance to record, with the buckets discovery chose for it."""
+
+    headers: Mapping[str, str]
+    source: str
+    calling_aet: str
+    called_aet: str
+    peer_address: str
+    correlation_id: str
+    storage_key: str
+    size: int
+    sha256: str
+    targets: Sequence[BucketTarget] = ()
+
+
+@dataclass(frozen=True)
+class BucketTarget:
+    """One application an instance goes to, and how its bucket is timed."""
+
+    app_id: str
+    grouping: str
+    group_uid: str
+    timeout: float
+    max_age: float
+    reprocess: bool
+
+
+@dataclass
+class RecordOutcome:
+    instance_id: int
+    duplicate: bool
+    buckets: list[dict[str, Any]] = field(default_factory=list)  # id, app_id, deadline
+    skipped: list[str] = field(default_factory=list)  # app ids that already processed it
+
+
+@dataclass(frozen=True)
+class NewResult:
+    path: str
+    storage_key: str
+    size: int
+    media_type: str
+    sop_instance_uid: str | None = None
+    sop_class_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+
+
+class Database:
+    """Owns the connections; every query of mwm is a method here."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full", busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        return conn
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._connect()
+            await self._migrate()
+            self._reader = await self._connect()
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise DatabaseError(f"cannot open the database {self.path}", str(exc)) from exc
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        async with self._writer.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise DatabaseError(
+                f"the database {self.path} has schema version {version}, newer than this mwm "
+                f"({len(MIGRATIONS)}); upgrade mwm"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            statements = [s for s in script.split(";") if s.strip()]
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await self._writer.execute(statement)
+                await self._writer.execute(f"PRAGMA user_version = {number}")
+                await self._writer.execute("COMMIT")
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        return len(MIGRATIONS)
+
+    # -- primitives ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction; committed on exit, rolled back on any error."""
+        if self._writer is None:
+            raise DatabaseError("the database is closed")
+        async with self._write_lock:
+            conn = self._writer
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise DatabaseError("the database is unavailable", str(exc)) from exc
+            try:
+                yield conn
+            except BaseException:
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise
+            try:
+                await conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                raise DatabaseError("the database could not commit", str(exc)) from exc
+
+    async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if self._reader is None:
+            raise DatabaseError("the database is closed")
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return [dict(r) for r in await cur.fetchall()]
+        except sqlite3.Error as exc:
+            raise DatabaseError("the database is unavailable", str(exc)) from exc
+
+    async def fetch_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
+
+    async def ping(self) -> None:
+        await self.fetch_one("SELECT 1 AS ok")
+
+    @staticmethod
+    async def _event(
+        conn: aiosqlite.Connection,
+        kind: str,
+        message: str,
+        *,
+        app_id: str | None = None,
+        bucket_id: int | None = None,
+        job_id: int | None = None,
+        correlation_id: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        ts: float | None = None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO events (ts, kind, app_id, bucket_id, job_id, correlation_id, message, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ts or time.time(),
+                kind,
+                app_id,
+                bucket_id,
+                job_id,
+                correlation_id,
+                message,
+                json.dumps(data) if data else None,
+            ),
+        )
+
+    # -- instances and buckets -------------------------------------------------------------
+
+    async def instance_exists(self, sop_instance_uid: str) -> bool:
+        return (
+            await self.fetch_one("SELECT 1 AS x FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            is not None
+        )
+
+    async def record_instances(self, items: Sequence[NewInstance], now: float) -> list[RecordOutcome]:
+        """Record instances and add them to their buckets, all in one transaction."""
+        outcomes: list[RecordOutcome] = []
+        async with self.transaction() as conn:
+            for item in items:
+                outcomes.append(await self._record_instance(conn, item, now))
+        return outcomes
+
+    async def _record_instance(self, conn: aiosqlite.Connection, item: NewInstance, now: float) -> RecordOutcome:
+        h = item.headers
+        cur = await conn.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
+            " transfer_syntax_uid, patient_id, modality, series_description, body_part, study_date,"
+            " accession_number, source, calling_aet, called_aet, peer_address, correlation_id, storage_key,"
+            " size, sha256, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (sop_instance_uid) DO NOTHING",
+            (
+                h["sop_instance_uid"],
+                h["sop_class_uid"],
+                h["study_instance_uid"],
+                h["series_instance_uid"],
+                h["transfer_syntax_uid"],
+                h.get("patient_id", ""),
+                h.get("modality", ""),
+                h.get("series_description", ""),
+                h.get("body_part", ""),
+                h.get("study_date", ""),
+                h.get("accession_number", ""),
+                item.source,
+                item.calling_aet,
+                item.called_aet,
+                item.peer_address,
+                item.correlation_id,
+                item.storage_key,
+                item.size,
+                item.sha256,
+                now,
+            ),
+        )
+        duplicate = cur.rowcount == 0
+        if duplicate:
+            async with conn.execute(
+                "SELECT id FROM instances WHERE sop_instance_uid = ?", (h["sop_instance_uid"],)
+            ) as c:
+                row = await c.fetchone()
+            assert row is not None
+            instance_id = int(row[0])
+        else:
+            assert cur.lastrowid is not None
+            instance_id = cur.lastrowid
+        outcome = RecordOutcome(instance_id=instance_id, duplicate=duplicate)
+        for target in item.targets:
+            bucket = await self._add_to_bucket(conn, instance_id, item, target, now, duplicate)
+            if bucket is None:
+                outcome.skipped.append(target.app_id)
+            else:
+                outcome.buckets.append(bucket)
+        return outcome
+
+    async def _add_to_bucket(
+        self,
+        conn: aiosqlite.Connection,
+        instance_id: int,
+        item: NewInstance,
+        target: BucketTarget,
+        now: float,
+        duplicate: bool,
+    ) -> dict[str, Any] | None:
+        if duplicate:
+            # The same SOP Instance UID twice is one instance: nothing to add to an open bucket,
+            # and a processed one comes back only for applications configured to reprocess.
+            async with conn.execute(
+                "SELECT b.state FROM bucket_instances bi JOIN buckets b ON b.id = bi.bucket_id"
+                " WHERE bi.instance_id = ? AND b.app_id = ?",
+                (instance_id, target.app_id),
+            ) as c:
+                states = {r[0] for r in await c.fetchall()}
+            if "open" in states or (states and not target.reprocess):
+                return None
+        async with conn.execute(
+            "SELECT id, opened_at, max_deadline, instance_count FROM buckets"
+            " WHERE app_id = ? AND group_uid = ? AND state = 'open'",
+            (target.app_id, target.group_uid),
+        ) as c:
+            row = await c.fetchone()
+        if row is None:
+            max_deadline = now + target.max_age
+            deadline = bucket_deadline(now, target.timeout, now, target.max_age)
+            cur = await conn.execute(
+                "INSERT INTO buckets (app_id, grouping, group_uid, state, study_instance_uid, patient_id,"
+                " correlation_id, instance_count, opened_at, last_arrival_at, deadline, max_deadline)"
+                " VALUES (?, ?, ?, 'open', ?, ?, ?, 1, ?, ?, ?, ?)",
+                (
+                    target.app_id,
+                    target.grouping,
+                    target.group_uid,
+                    item.headers["study_instance_uid"],
+                    item.headers.get("patient_id", ""),
+                    item.correlation_id,
+                    now,
+                    now,
+                    deadline,
+                    max_deadline,
+                ),
+            )
+            assert cur.lastrowid is not None
+            bucket_id = cur.lastrowid
+            await self._event(
+                conn,
+                "bucket.opened",
+                f"bucket {bucket_id} opened for {target.app_id}",
+                app_id=target.app_id,
+                bucket_id=bucket_id,
+                correlation_id=item.correlation_id,
+                ts=now,
+            )
+        else:
+            bucket_id = int(row["id"])
+            deadline = bucket_deadline(now, target.timeout, float(row["opened_at"]), target.max_age)
+            await conn.execute(
+                "UPDATE buckets SET instance_count = instance_count + 1, last_arrival_at = ?, deadline = ?"
+                " WHERE id = ?",
+                (now, deadline, bucket_id),
+            )
+        await conn.execute(
+            "INSERT OR IGNORE INTO bucket_instances (bucket_id, instance_id) VALUES (?, ?)",
+            (bucket_id, instance_id),
+        )
+        return {"id": bucket_id, "app_id": target.app_id, "deadline": deadline}
+
+    async def open_buckets(self) -> list[dict[str, Any]]:
+        return await self.fetch_all("SELECT * FROM buckets WHERE state = 'open' ORDER BY deadline")
+
+    async def get_bucket(self, bucket_id: int) -> dict[str, Any] | None:
+        return await self.fetch_one("SELECT * FROM buckets WHERE id = ?", (bucket_id,))
+
+    async def list_buckets(self, state: str | None, app_id: str | None, limit: int) -> list[dict[str, Any]]:
+        where, params = _filters(state=state, app_id=app_id)
+        return await self.fetch_all(f"SELECT * FROM buckets {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    async def close_bucket(
+        self, bucket_id: int, reason: str, *, engine: str, max_attempts: int, now: float
+    ) -> int | None:
+        """Close an open bucket and schedule its job; ``None`` when it was not open."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE buckets SET state = 'closed', closed_at = ?, close_reason = ? WHERE id = ? AND state = 'open'",
+                (now, reason, bucket_id),
+            )
+            if cur.rowcount == 0:
+                return None
+            async with conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)) as c:
+                bucket = dict(await c.fetchone())  # type: ignore[arg-type]
+            cur = await conn.execute(
+                "INSERT INTO jobs (bucket_id, app_id, engine, state, max_attempts, correlation_id,"
+                " study_instance_uid, patient_id, instance_count, not_before, created_at, updated_at)"
+                " VALUES (?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    bucket_id,
+                    bucket["app_id"],
+                    engine,
+                    max_attempts,
+                    bucket["correlation_id"],
+                    bucket["study_instance_uid"],
+                    bucket["patient_id"],
+                    bucket["instance_count"],
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            job_id = cur.lastrowid
+            await self._event(
+                conn,
+                "job.scheduled",
+                f"bucket {bucket_id} closed ({reason}) with {bucket['instance_count']} instances: job {job_id}",
+                app_id=bucket["app_id"],
+                bucket_id=bucket_id,
+                job_id=job_id,
+                correlation_id=bucket["correlation_id"],
+                ts=now,
+            )
+            return job_id
+
+    async def bucket_instances(self, bucket_id: int) -> list[dict[str, Any]]:
+        return await self.fetch_all(
+            "SELECT i.* FROM bucket_instances bi JOIN instances i ON i.id = bi.instance_id"
+            " WHERE bi.bucket_id = ? ORDER BY i.series_instance_uid, i.id",
+            (bucket_id,),
+        )
+
+    async def list_instances(
+        self, study_instance_uid: str | None, limit: int, after_id: int = 0
+    ) -> list[dict[str, Any]]:
+        if study_instance_uid:
+            return await self.fetch_all(
+                "SELECT * FROM instances WHERE study_instance_uid = ? AND id > ? ORDER BY id LIMIT ?",
+                (study_instance_uid, after_id, limit),
+            )
+        return await self.fetch_all("SELECT * FROM instances WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+
+    async def get_instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        return await self.fetch_one("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+
+    # -- applications ------------------------------------------------------------------------
+
+    async def list_apps(self) -> list[dict[str, Any]]:
+        rows = await self.fetch_all("SELECT * FROM apps ORDER BY id")
+        for row in rows:
+            row["spec"] = json.loads(row["spec"])
+        return rows
+
+    async def get_app(self, app_id: str) -> dict[str, Any] | None:
+        row = await self.fetch_one("SELECT * FROM apps WHERE id = ?", (app_id,))
+        if row is not None:
+            row["spec"] = json.loads(row["spec"])
+        return row
+
+    async def put_app(self, app_id: str, origin: str, spec: Mapping[str, Any], now: float) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO apps (id, origin, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET origin = excluded.origin, spec = excluded.spec,"
+                " updated_at = excluded.updated_at",
+                (app_id, origin, json.dumps(spec), now, now),
+            )
+            await self._event(conn, "app.saved", f"application {app_id} saved ({origin})", app_id=app_id, ts=now)
+
+    async def delete_app(self, app_id: str, now: float) -> bool:
+        async with self.transaction() as conn:
+            cur = await conn.execute("DELETE FROM apps WHERE id = ?", (app_id,))
+            if cur.rowcount:
+                await self._event(conn, "app.deleted", f"application {app_id} deleted", app_id=app_id, ts=now)
+            return cur.rowcount > 0
+
+    async def sync_config_apps(self, specs: Mapping[str, Mapping[str, Any]], now: float) -> None:
+        """Make the stored configuration-file apps equal to those in the file."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                f"DELETE FROM apps WHERE origin = 'config' AND id NOT IN ({','.join('?' * len(specs))})",
+                tuple(specs),
+            )
+            for app_id, spec in specs.items():
+                await conn.execute(
+                    "INSERT INTO apps (id, origin, spec, created_at, updated_at) VALUES (?, 'config', ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET origin = 'config', spec = excluded.spec,"
+                    " updated_at = excluded.updated_at",
+                    (app_id, json.dumps(spec), now, now),
+                )
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        return await self.fetch_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    async def list_jobs(self, state: str | None, app_id: str | None, limit: int) -> list[dict[str, Any]]:
+        where, params = _filters(state=state, app_id=app_id)
+        return await self.fetch_all(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    async def jobs_in_states(self, states: Iterable[str]) -> list[dict[str, Any]]:
+        states = tuple(states)
+        return await self.fetch_all(
+            f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY id", states
+        )
+
+    async def due_jobs(self, now: float, limit: int) -> list[dict[str, Any]]:
+        return await self.fetch_all(
+            "SELECT * FROM jobs WHERE state = 'scheduled' AND not_before <= ? ORDER BY not_before, id LIMIT ?",
+            (now, limit),
+        )
+
+    async def next_job_time(self) -> float | None:
+        row = await self.fetch_one("SELECT MIN(not_before) AS t FROM jobs WHERE state = 'scheduled'")
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    async def transition_job(
+        self,
+        job_id: int,
+        from_states: Sequence[str],
+        to_state: str,
+        *,
+        now: float,
+        message: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a job from one of ``from_states`` to ``to_state`` and set ``fields``; False if it was not."""
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        sql = (
+            f"UPDATE jobs SET state = ?, updated_at = ?{', ' + assignments if assignments else ''}"
+            f" WHERE id = ? AND state IN ({','.join('?' * len(from_states))})"
+        )
+        async with self.transaction() as conn:
+            cur = await conn.execute(sql, (to_state, now, *fields.values(), job_id, *from_states))
+            if cur.rowcount == 0:
+                return False
+            async with conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)) as c:
+                row = await c.fetchone()
+            assert row is not None
+            await self._event(
+                conn,
+                f"job.{to_state}",
+                message or f"job {job_id} {to_state}",
+                app_id=row["app_id"],
+                job_id=job_id,
+                correlation_id=row["correlation_id"],
+                ts=now,
+            )
+            return True
+
+    async def complete_job(
+        self,
+        job_id: int,
+        results: Sequence[NewResult],
+        sink_ids: Sequence[str],
+        *,
+        result_data: Mapping[str, Any] | None,
+        log_key: str | None,
+        now: float,
+    ) -> bool:
+        """Record a job's results and their deliveries and mark it succeeded, atomically."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE jobs SET state = 'succeeded', updated_at = ?, finished_at = ?, result_data = ?,"
+                " log_key = ?, result_count = ?, error = NULL WHERE id = ? AND state = 'collecting'",
+                (now, now, json.dumps(result_data) if result_data is not None else None, log_key, len(results), job_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            for result in results:
+                cur = await conn.execute(
+                    "INSERT INTO results (job_id, path, storage_key, size, media_type, sop_instance_uid,"
+                    " sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, created_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (job_id, path) DO UPDATE SET"
+                    " storage_key = excluded.storage_key RETURNING id",
+                    (
+                        job_id,
+                        result.path,
+                        result.storage_key,
+                        result.size,
+                        result.media_type,
+                        result.sop_instance_uid,
+                        result.sop_class_uid,
+                        result.study_instance_uid,
+                        result.series_instance_uid,
+                        result.transfer_syntax_uid,
+                        now,
+                    ),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                result_id = int(row[0])
+                for sink_id in sink_ids:
+                    await conn.execute(
+                        "INSERT OR IGNORE INTO deliveries (result_id, job_id, sink_id, state, next_attempt_at,"
+                        " created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                        (result_id, job_id, sink_id, now, now, now),
+                    )
+            async with conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)) as c:
+                job = await c.fetchone()
+            assert job is not None
+            await self._event(
+                conn,
+                "job.succeeded",
+                f"job {job_id} succeeded with {len(results)} results",
+                app_id=job["app_id"],
+                job_id=job_id,
+                correlation_id=job["correlation_id"],
+                ts=now,
+            )
+            return True
+
+    async def retry_job(self, job_id: int, now: float) -> bool:
+        """Schedule a failed or cancelled job again, with a fresh attempt count."""
+        return await self.transition_job(
+            job_id,
+            ("failed", "cancelled"),
+            "scheduled",
+            now=now,
+            message=f"job {job_id} retried by request",
+            attempt=0,
+            not_before=now,
+            error=None,
+            finished_at=None,
+            engine_ref=None,
+        )
+
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        rows = await self.fetch_all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    # -- results and deliveries ----------------------------------------------------------------
+
+    async def job_results(self, job_id: int) -> list[dict[str, Any]]:
+        return await self.fetch_all("SELECT * FROM results WHERE job_id = ? ORDER BY id", (job_id,))
+
+    async def get_result(self, result_id: int) -> dict[str, Any] | None:
+        return await self.fetch_one(
+            "SELECT r.*, j.app_id, j.correlation_id FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.id = ?",
+            (result_id,),
+        )
+
+    async def list_results(self, job_id: int | None, limit: int) -> list[dict[str, Any]]:
+        if job_id is not None:
+            return await self.job_results(job_id)
+        return await self.fetch_all("SELECT * FROM results ORDER BY id DESC LIMIT ?", (limit,))
+
+    async def job_deliveries(self, job_id: int) -> list[dict[str, Any]]:
+        return await self.fetch_all("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
+
+    async def list_deliveries(self, state: str | None, sink_id: str | None, limit: int) -> list[dict[str, Any]]:
+        where, params = _filters(state=state, sink_id=sink_id)
+        return await self.fetch_all(f"SELECT * FROM deliveries {where} ORDER BY id DESC LIMIT ?", (*params, limit))
+
+    async def due_deliveries(self, sink_id: str, now: float, limit: int) -> list[dict[str, Any]]:
+        """Pending deliveries of a sink whose time has come, with their result, oldest first."""
+        return await self.fetch_all(
+            "SELECT d.id AS delivery_id, d.attempts, d.job_id, r.*, j.app_id, j.correlation_id,"
+            " j.study_instance_uid AS job_study_instance_uid"
+            " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = d.job_id"
+            " WHERE d.sink_id = ? AND d.state = 'pending' AND d.next_attempt_at <= ?"
+            " ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (sink_id, now, limit),
+        )
+
+    async def next_delivery_time(self, sink_id: str) -> float | None:
+        row = await self.fetch_one(
+            "SELECT MIN(next_attempt_at) AS t FROM deliveries WHERE sink_id = ? AND state = 'pending'",
+            (sink_id,),
+        )
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    async def pending_for_sink(self, sink_id: str, limit: int, after_id: int = 0) -> list[dict[str, Any]]:
+        """Results held for a pull sink (not yet acknowledged)."""
+        return await self.fetch_all(
+            "SELECT d.id AS delivery_id, d.created_at AS queued_at, r.*, j.app_id, j.correlation_id"
+            " FROM deliveries d JOIN results r ON r.id = d.result_id JOIN jobs j ON j.id = d.job_id"
+            " WHERE d.sink_id = ? AND d.state = 'pending' AND d.id > ? ORDER BY d.id LIMIT ?",
+            (sink_id, after_id, limit),
+        )
+
+    async def record_delivery(
+        self,
+        delivery_id: int,
+        state: str,
+        *,
+        now: float,
+        error: str | None = None,
+        next_attempt_at: float | None = None,
+        count_attempt: bool = True,
+    ) -> bool:
+        """Record the outcome of one delivery attempt (only for a pending delivery)."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, last_error = ?, updated_at = ?,"
+                " next_attempt_at = COALESCE(?, next_attempt_at),"
+                " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                " WHERE id = ? AND state = 'pending'",
+                (state, 1 if count_attempt else 0, error, now, next_attempt_at, state, now, delivery_id),
+            )
+            if cur.rowcount and state != "pending":
+                async with conn.execute(
+                    "SELECT d.sink_id, d.job_id, j.app_id, j.correlation_id FROM deliveries d"
+                    " JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
+                    (delivery_id,),
+                ) as c:
+                    row = await c.fetchone()
+                assert row is not None
+                await self._event(
+                    conn,
+                    f"delivery.{state}",
+                    f"delivery {delivery_id} to {row['sink_id']} {state}" + (f": {error}" if error else ""),
+                    app_id=row["app_id"],
+                    job_id=row["job_id"],
+                    correlation_id=row["correlation_id"],
+                    ts=now,
+                )
+            return cur.rowcount > 0
+
+    async def ack_result(self, result_id: int, sink_ids: Sequence[str], now: float) -> int:
+        """Mark a pulled result delivered for the given pull sinks; returns how many deliveries."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
+                " attempts = attempts + 1 WHERE result_id = ? AND state = 'pending'"
+                f" AND sink_id IN ({','.join('?' * len(sink_ids))})",
+                (now, now, result_id, *sink_ids),
+            )
+            if cur.rowcount:
+                await self._event(
+                    conn, "delivery.delivered", f"result {result_id} acknowledged by its consumer", ts=now
+                )
+            return cur.rowcount
+
+    async def retry_delivery(self, delivery_id: int, now: float) -> bool:
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'failed'",
+                (now, now, delivery_id),
+            )
+            return cur.rowcount > 0
+
+    async def get_delivery(self, delivery_id: int) -> dict[str, Any] | None:
+        return await self.fetch_one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+
+    async def count_deliveries(self) -> dict[str, dict[str, int]]:
+        rows = await self.fetch_all("SELECT sink_id, state, COUNT(*) AS n FROM deliveries GROUP BY sink_id, state")
+        out: dict[str, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(r["sink_id"], {})[r["state"]] = r["n"]
+        return out
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def add_event(self, kind: str, message: str, **kwargs: Any) -> None:
+        async with self.transaction() as conn:
+            await self._event(conn, kind, message, **kwargs)
+
+    async def events(self, after_id: int = 0, job_id: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        if job_id is not None:
+            rows = await self.fetch_all(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?", (job_id, after_id, limit)
+            )
+        else:
+            rows = await self.fetch_all("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        for row in rows:
+            row["data"] = json.loads(row["data"]) if row["data"] else None
+        return rows
+
+    async def stats(self, since: float) -> dict[str, Any]:
+        row = await self.fetch_one(
+            "SELECT COUNT(*) AS instances, COUNT(DISTINCT study_instance_uid) AS studies,"
+            " COALESCE(SUM(size), 0) AS bytes FROM instances WHERE received_at >= ?",
+            (since,),
+        )
+        open_row = await self.fetch_one("SELECT COUNT(*) AS n FROM buckets WHERE state = 'open'")
+        return {
+            "since": since,
+            "instances": row["instances"] if row else 0,
+            "studies": row["studies"] if row else 0,
+            "bytes": row["bytes"] if row else 0,
+            "open_buckets": open_row["n"] if open_row else 0,
+            "jobs": await self.count_jobs_by_state(),
+            "deliveries": await self.count_deliveries(),
+        }
+
+
+def _filters(**conditions: Any) -> tuple[str, tuple[Any, ...]]:
+    parts = [f"{name} = ?" for name, value in conditions.items() if value is not None]
+    params = tuple(value for value in conditions.values() if value is not None)
+    return ("WHERE " + " AND ".join(parts) if parts else ""), params

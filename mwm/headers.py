@@ -1,0 +1,127 @@
+"""Header extraction from DICOM Part-10 bytes, without reading pixel data into memory."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .errors import InvalidDicom
+from .uids import is_valid_uid
+
+PREAMBLE_LENGTH = 128
+MAGIC = b"DICM"
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Values larger than this are not read, only located: pixel data stays on disk.
+DEFER_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class InstanceHeaders:
+    """What mwm records about an instance; UIDs are validated."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    modality: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    study_date: str = ""
+    accession_number: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # noqa: BLE001 - a malformed optional attribute is not fatal
+        return ""
+    return "" if value is None else str(value).strip()[:256]
+
+
+def _uid(ds: Dataset, keyword: str, label: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidDicom(f"cannot read {label}", str(exc)) from None
+    if value is None or str(value).strip("\0 ") == "":
+        raise InvalidDicom(f"missing {label}")
+    text = str(value).strip("\0 ")
+    if not is_valid_uid(text):
+        raise InvalidDicom(f"invalid {label}", f"{text[:80]!r} is not a DICOM UID")
+    return text
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
+    """Reject a truncated file: every element must end inside the file, the last one at its end."""
+    end = 0
+    raw_elements = getattr(ds, "_dict", {})
+    for element in raw_elements.values():
+        tell = getattr(element, "value_tell", None)
+        length = getattr(element, "length", None)
+        if tell is None or length is None:
+            continue
+        if length == UNDEFINED_LENGTH:
+            # pydicom read it up to its delimiter, so it is complete; we cannot place its end.
+            end = -1
+            continue
+        element_end = tell + length
+        if element_end > size:
+            raise InvalidDicom("truncated file", f"an element ends at byte {element_end}, the file has {size}")
+        end = max(end, element_end)
+    if end >= 0 and end != size and end != 0:
+        raise InvalidDicom("truncated file", f"{size - end} bytes after the last complete element")
+
+
+def _parse(stream: BinaryIO, size: int) -> InstanceHeaders:
+    head = stream.read(PREAMBLE_LENGTH + 4)
+    if len(head) < PREAMBLE_LENGTH + 4 or head[PREAMBLE_LENGTH:] != MAGIC:
+        raise InvalidDicom("not a DICOM Part-10 file", "no 'DICM' prefix after the 128-byte preamble")
+    stream.seek(0)
+    try:
+        ds = pydicom.dcmread(stream, defer_size=DEFER_SIZE)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, MemoryError) as exc:
+        raise InvalidDicom("cannot parse the DICOM file", str(exc)[:300]) from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on malformed input
+        raise InvalidDicom("cannot parse the DICOM file", f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    _check_complete(ds, size)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise InvalidDicom("missing Transfer Syntax UID in the file meta information")
+    headers = InstanceHeaders(
+        sop_instance_uid=_uid(ds, "SOPInstanceUID", "SOP Instance UID"),
+        sop_class_uid=_uid(ds, "SOPClassUID", "SOP Class UID"),
+        study_instance_uid=_uid(ds, "StudyInstanceUID", "Study Instance UID"),
+        series_instance_uid=_uid(ds, "SeriesInstanceUID", "Series Instance UID"),
+        transfer_syntax_uid=_uid(meta, "TransferSyntaxUID", "Transfer Syntax UID"),
+        patient_id=_text(ds, "PatientID"),
+        modality=_text(ds, "Modality"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        study_date=_text(ds, "StudyDate"),
+        accession_number=_text(ds, "AccessionNumber"),
+    )
+    return headers
+
+
+def read_headers(source: Path | bytes) -> InstanceHeaders:
+    """Parse and validate a Part-10 file's headers; raises ``InvalidDicom`` with the reason.
+
+    Blocking: call it from a thread when on the event loop.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _parse(io.BytesIO(data), len(data))
+    with open(source, "rb") as stream:
+        return _parse(stream, os.fstat(stream.fileno()).st_size)

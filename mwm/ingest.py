@@ -1,0 +1,292 @@
+"""The one ingest path behind both ways in (HTTP upload and C-STORE).
+
+parse headers → store bytes durably → record the instance and its buckets in one transaction
+(group-committed with concurrent arrivals) → only then report ``stored``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .apps import AppRegistry
+from .db import Database, NewInstance, RecordOutcome
+from .discovery import discover
+from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError
+from .headers import InstanceHeaders, read_headers
+from .storage import Storage, key
+
+log = logging.getLogger(__name__)
+
+SPILL_THRESHOLD = 8 << 20  # parts larger than this go to disk while they arrive
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an instance came from; recorded with it."""
+
+    source: str  # "http" or "dicom"
+    calling_aet: str = ""
+    called_aet: str = ""
+    peer_address: str = ""
+    correlation_id: str = ""
+    apps: tuple[str, ...] = ()  # explicit application ids: bypass discovery
+
+
+@dataclass
+class Outcome:
+    """What happened to one instance, as reported to the sender."""
+
+    status: str  # stored | duplicate | rejected | failed
+    sop_instance_uid: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    http_status: int = 200
+    dicom_status: int = 0x0000
+    buckets: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "sop_instance_uid": self.sop_instance_uid}
+        if self.reason:
+            out["reason"] = self.reason
+        if self.detail:
+            out["detail"] = self.detail
+        if self.buckets:
+            out["buckets"] = self.buckets
+        return out
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ("stored", "duplicate")
+
+
+def instance_key(headers: InstanceHeaders) -> str:
+    """Storage key of an instance, from UIDs already validated against the UID grammar."""
+    return key("instances", headers.study_instance_uid, headers.series_instance_uid, f"{headers.sop_instance_uid}.dcm")
+
+
+def _inspect(path: Path) -> tuple[InstanceHeaders, int, str]:
+    headers = read_headers(path)
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return headers, size, digest.hexdigest()
+
+
+class Spool:
+    """Receives one instance's bytes: in memory while small, spilled to a staging file when large.
+
+    ``finish`` always leaves a complete file in the staging folder; the caller owns it then.
+    """
+
+    def __init__(self, staging_dir: Path, max_size: int) -> None:
+        self.path = staging_dir / f"{uuid.uuid4().hex}.dcm"
+        self.max_size = max_size
+        self.size = 0
+        self._buffer = bytearray()
+        self._file: Any = None
+
+    async def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise PayloadTooLarge(f"instance larger than the limit of {self.max_size} bytes")
+        self._buffer += chunk
+        if len(self._buffer) >= SPILL_THRESHOLD:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+
+        def write() -> None:
+            if self._file is None:
+                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+            self._file.write(data)
+
+        await asyncio.to_thread(write)
+
+    async def finish(self) -> Path:
+        data, self._buffer = bytes(self._buffer), bytearray()
+
+        def close() -> None:
+            if self._file is None:
+                self._file = open(self.path, "wb")  # noqa: SIM115
+            self._file.write(data)
+            self._file.close()
+
+        await asyncio.to_thread(close)
+        return self.path
+
+    async def discard(self) -> None:
+        def remove() -> None:
+            if self._file is not None:
+                self._file.close()
+            self.path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(remove)
+
+
+class Committer:
+    """Group commit: concurrent arrivals are recorded together in one transaction.
+
+    Each submitter gets its own outcome once the transaction holding its row has committed.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._queue: asyncio.Queue[tuple[NewInstance, asyncio.Future[RecordOutcome]]] = asyncio.Queue()
+
+    async def submit(self, item: NewInstance) -> RecordOutcome:
+        future: asyncio.Future[RecordOutcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            pending = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not pending:
+                continue
+            try:
+                outcomes = await self._db.record_instances([item for item, _ in pending], time.time())
+            except asyncio.CancelledError:
+                for _, fut in pending:
+                    if not fut.done():
+                        fut.set_exception(ShuttingDown("mwm is stopping"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every waiter must learn of the failure
+                for _, fut in pending:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), outcome in zip(pending, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(outcome)
+
+
+class Ingestor:
+    """Turns received bytes into recorded instances, whichever way they came in."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        storage: Storage,
+        apps: AppRegistry,
+        staging_dir: Path,
+        max_instance_size: int,
+        on_buckets: Callable[[Sequence[dict[str, Any]]], None],
+    ) -> None:
+        self.db = db
+        self.storage = storage
+        self.apps = apps
+        self.staging_dir = staging_dir
+        self.max_instance_size = max_instance_size
+        self.committer = Committer(db)
+        self._on_buckets = on_buckets
+        self._in_flight: dict[str, asyncio.Lock] = {}
+        self.accepting = True
+
+    def prepare(self) -> None:
+        """Create the staging folder and remove what a crash left in it (never acknowledged)."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in self.staging_dir.iterdir():
+            if leftover.is_file():
+                leftover.unlink()
+
+    def spool(self) -> Spool:
+        return Spool(self.staging_dir, self.max_instance_size)
+
+    def check_apps(self, app_ids: Sequence[str]) -> None:
+        for app_id in app_ids:
+            if app_id not in self.apps:
+                raise NotFound(f"no application {app_id!r}", "the app parameter names an unknown application")
+
+    async def ingest_file(self, staged: Path, origin: Origin) -> Outcome:
+        """Ingest a complete file from the staging folder; the file is consumed either way."""
+        try:
+            return await self._ingest(staged, origin)
+        except MwmError as exc:
+            status = "rejected" if isinstance(exc, (InvalidDicom, PayloadTooLarge, NotFound)) else "failed"
+            if status == "failed":
+                log.warning(
+                    "instance not stored: %s (%s)",
+                    exc.message,
+                    exc.detail,
+                    extra={"correlation_id": origin.correlation_id},
+                )
+            return Outcome(
+                status=status,
+                reason=exc.message,
+                detail=exc.detail,
+                http_status=exc.http_status,
+                dicom_status=exc.dicom_status,
+            )
+        finally:
+            await asyncio.to_thread(staged.unlink, True)
+
+    async def _ingest(self, staged: Path, origin: Origin) -> Outcome:
+        if not self.accepting:
+            raise ShuttingDown("mwm is stopping and accepts no new instances")
+        try:
+            headers, size, sha256 = await asyncio.to_thread(_inspect, staged)
+        except OSError as exc:
+            raise StorageError("cannot read the received instance", str(exc)) from exc
+        uid = headers.sop_instance_uid
+        lock = self._in_flight.setdefault(uid, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._store_and_record(staged, origin, headers, size, sha256)
+        finally:
+            if not lock.locked() and self._in_flight.get(uid) is lock:
+                del self._in_flight[uid]
+
+    async def _store_and_record(
+        self, staged: Path, origin: Origin, headers: InstanceHeaders, size: int, sha256: str
+    ) -> Outcome:
+        storage_key = instance_key(headers)
+        known = await self.db.instance_exists(headers.sop_instance_uid)
+        if not known:
+            await self.storage.put_file(storage_key, staged, move=True)
+        header_map = headers.as_dict()
+        targets = discover(
+            self.apps.all(),
+            header_map,
+            calling_aet=origin.calling_aet,
+            called_aet=origin.called_aet,
+            explicit=origin.apps,
+        )
+        correlation_id = origin.correlation_id or uuid.uuid4().hex
+        record = await self.committer.submit(
+            NewInstance(
+                headers=header_map,
+                source=origin.source,
+                calling_aet=origin.calling_aet,
+                called_aet=origin.called_aet,
+                peer_address=origin.peer_address,
+                correlation_id=correlation_id,
+                storage_key=storage_key,
+                size=size,
+                sha256=sha256,
+                targets=targets,
+            )
+        )
+        if record.buckets:
+            self._on_buckets(record.buckets)
+        return Outcome(
+            status="duplicate" if record.duplicate else "stored",
+            sop_instance_uid=headers.sop_instance_uid,
+            buckets=[{"id": b["id"], "app_id": b["app_id"]} for b in record.buckets],
+        )

@@ -1,0 +1,290 @@
+"""Wires the components, owns every resource and background task, starts and stops them cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__, plugins
+from .api import build_application
+from .apps import AppRegistry, build_engine_options
+from .config import Settings, read_tokens
+from .db import Database
+from .delivery import DeliveryService, create_sinks
+from .engines import EngineRegistry
+from .engines.local import log_tail
+from .errors import ConfigError, MwmError, ShuttingDown
+from .ingest import Ingestor
+from .jobs import JobService, job_log_key
+from .options import build
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def create_storage(settings: Settings) -> Storage:
+    try:
+        cls = plugins.load(plugins.STORAGE, settings.storage.kind)
+    except MwmError as exc:
+        raise ConfigError(f"storage.kind: {exc.message}", exc.detail) from None
+    options = build(cls.Options, settings.storage.options, "storage")
+    return cls(options, data_dir=settings.data_dir)  # type: ignore[no-any-return]
+
+
+class Service:
+    """The running mwm: ``await start()`` returns once listening; ``await stop()`` shuts down in order.
+
+    Shutdown order: stop accepting connections and finish in-flight requests, then stop the
+    background loops, then the engines (local applications are stopped and run again after the
+    next start), the sinks, storage and database.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base_dir = Path.cwd()
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._ready: asyncio.Future[None] | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._failure: BaseException | None = None
+        self.http_port: int | None = None
+        self.accepting = False
+        # Built in _run:
+        self.db: Database
+        self.storage: Storage
+        self.apps: AppRegistry
+        self.ingestor: Ingestor
+        self.jobs: JobService
+        self.delivery: DeliveryService
+        self.engines: EngineRegistry
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open everything and bind the listeners; raise if start-up fails (nothing is left open)."""
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._main = asyncio.create_task(self._run(), name="mwm-service")
+        done, _ = await asyncio.wait({self._ready, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        if self._main in done:
+            self._main.result()  # raises the start-up error
+            raise MwmError("mwm stopped during start-up")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+
+    async def wait(self) -> None:
+        """Until the service stops (by request or because a background task failed)."""
+        assert self._main is not None
+        await self._main
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("background task %s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
+            self._failure = exc
+            self._stop.set()
+
+    def _check_listen_policy(self, tokens: dict[str, str]) -> None:
+        host, _ = split_address(self.settings.server.http)
+        if not is_loopback(host) and not tokens:
+            raise ConfigError(
+                f"server.http: refusing to listen on {host}, which is not a loopback address, without "
+                "tokens; configure server.tokens or server.tokens_file"
+            )
+
+    async def _run(self) -> None:
+        settings = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            tokens = {t.token: t.role for t in read_tokens(settings.server)}
+            self._check_listen_policy(tokens)
+
+            self.db = Database(
+                settings.database_path,
+                synchronous=settings.database.synchronous,
+                busy_timeout=settings.database.busy_timeout,
+            )
+            await self.db.open()
+            stack.push_async_callback(self.db.close)
+
+            self.storage = create_storage(settings)
+            await self.storage.open()
+            stack.push_async_callback(self.storage.close)
+
+            sinks = create_sinks(settings, self.storage, self.base_dir)
+            self.apps = AppRegistry(self.db, settings, build_engine_options)
+            await self.apps.load()
+
+            self.delivery = DeliveryService(settings=settings, db=self.db, sinks=sinks)
+            await self.delivery.open()
+            stack.push_async_callback(self.delivery.close)
+
+            self.engines = EngineRegistry(settings=settings, storage=self.storage)
+            stack.push_async_callback(self.engines.close)
+
+            self.jobs = JobService(
+                settings=settings,
+                db=self.db,
+                storage=self.storage,
+                apps=self.apps,
+                engines=self.engines,
+                on_results=self.delivery.wake,
+            )
+            self.ingestor = Ingestor(
+                db=self.db,
+                storage=self.storage,
+                apps=self.apps,
+                staging_dir=settings.staging_dir,
+                max_instance_size=settings.server.max_instance_size,
+                on_buckets=self.jobs.buckets_updated,
+            )
+            await asyncio.to_thread(self.ingestor.prepare)
+
+            stack.push_async_callback(self._cancel_tasks)
+            self._spawn(self.ingestor.committer.run(), "ingest-committer")
+            self._spawn(self.jobs.run(), "jobs")
+            self._spawn(self.delivery.run(), "deliveries")
+
+            runner = web.AppRunner(
+                build_application(self, tokens),
+                access_log=logging.getLogger("aiohttp.access"),
+                shutdown_timeout=float(settings.server.shutdown_timeout),
+                handle_signals=False,
+            )
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            stack.callback(self._stop_accepting)
+            host, port = split_address(settings.server.http)
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self.http_port = self._bound_port(runner, port)
+            self.accepting = True
+            log.info(
+                "mwm %s listening on http://%s:%s (data in %s)",
+                __version__,
+                host,
+                self.http_port,
+                settings.data_dir.absolute(),
+            )
+            assert self._ready is not None
+            self._ready.set_result(None)
+            await self._stop.wait()
+            log.info("stopping")
+        if self._failure is not None:
+            raise self._failure
+
+    def _stop_accepting(self) -> None:
+        self.accepting = False
+
+    @staticmethod
+    def _bound_port(runner: web.AppRunner, requested: int) -> int:
+        for server in runner.sites:
+            sockets = getattr(server, "_server", None)
+            if sockets is not None and sockets.sockets:
+                return int(sockets.sockets[0].getsockname()[1])
+        return requested
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- queries used by the API ------------------------------------------------------------
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise ShuttingDown("mwm is stopping and accepts no new instances")
+
+    async def health(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"version": __version__, "uptime_seconds": round(time.time() - self.started_at, 1)}
+        ok = True
+        try:
+            await self.db.ping()
+            report["database"] = {"ok": True, "schema_version": self.db.schema_version}
+        except MwmError as exc:
+            ok = False
+            report["database"] = {"ok": False, "error": exc.message}
+        try:
+            usage = await self.storage.usage()
+            report["storage"] = {
+                "ok": True,
+                **self.storage.describe(),
+                "free_bytes": usage.free_bytes,
+                "total_bytes": usage.total_bytes,
+            }
+        except (MwmError, OSError) as exc:
+            ok = False
+            report["storage"] = {"ok": False, "error": str(exc)}
+        report["accepting"] = self.accepting
+        report["status"] = "ok" if ok and self.accepting else "unavailable"
+        return report
+
+    async def job_log(self, job_id: int, tail: int | None = None) -> str:
+        """The job's log: the live file while it runs, the stored copy after."""
+        live = self.jobs.job_log_path(job_id)
+        if await asyncio.to_thread(live.is_file):
+            if tail:
+                return await asyncio.to_thread(log_tail, live, tail)
+            return (await asyncio.to_thread(live.read_bytes)).decode("utf-8", "replace")
+        try:
+            text = (await self.storage.get_bytes(job_log_key(job_id))).decode("utf-8", "replace")
+        except MwmError:
+            return ""
+        return "\n".join(text.splitlines()[-tail:]) if tail else text
+
+    async def stats(self) -> dict[str, Any]:
+        midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
+        data = await self.db.stats(midnight)
+        usage = await self.storage.usage()
+        data["storage"] = {
+            "free_bytes": usage.free_bytes,
+            "total_bytes": usage.total_bytes,
+            "used_bytes": usage.used_bytes,
+        }
+        data["timers"] = len(self.jobs.timer)
+        return data
