@@ -22,7 +22,10 @@ from .options import ByteSize, Duration, Regex, build, positive
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 CLIENT_ENVIRONMENT = {"MWM_URL", "MWM_TOKEN", "MWM_CONFIG"}
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
 
 
 def _check_id(value: str, where: str) -> None:
@@ -137,7 +140,7 @@ class AppSpec:
     max_attempts: int | None = field(default=None, metadata={"check": positive})
     reprocess: bool = False
     sinks: tuple[str, ...] = field(default=(), metadata={"check": _check_ids})
-    engine_options: Mapping[str, Any] = _EMPTY
+    engine_options: Mapping[str, Any] = field(default_factory=_empty)
 
 
 APP_KEYS = {f.name for f in dataclasses.fields(AppSpec)} - {"engine_options"}
@@ -149,13 +152,13 @@ class SinkSpec:
 
     id: str = field(metadata={"check": _check_id})
     kind: str
-    options: Mapping[str, Any] = _EMPTY
+    options: Mapping[str, Any] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True)
 class StorageSpec:
     kind: str = "local"
-    options: Mapping[str, Any] = _EMPTY
+    options: Mapping[str, Any] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True)

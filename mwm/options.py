@@ -189,13 +189,13 @@ def build(cls: type[T], data: Mapping[str, object], where: str = "") -> T:
     return cls(**kwargs)
 
 
-def positive(value: float, where: str) -> None:
-    if value <= 0:
+def positive(value: float | None, where: str) -> None:
+    if value is not None and value <= 0:
         raise ConfigError(f"{where}: must be greater than zero, got {value!r}")
 
 
-def non_negative(value: float, where: str) -> None:
-    if value < 0:
+def non_negative(value: float | None, where: str) -> None:
+    if value is not None and value < 0:
         raise ConfigError(f"{where}: must not be negative, got {value!r}")
 
 

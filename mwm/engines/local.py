@@ -42,7 +42,7 @@ class LocalOptions:
     """Per-application options of the local engine."""
 
     command: tuple[str, ...] = field(metadata={"check": _check_command})
-    env: Mapping[str, str] = MappingProxyType({})
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     model_path: Path | None = None
     cwd: Path | None = None
     #: Pass ``-i IN -o OUT [-m MODELS]`` on the command line (the environment is always set).
