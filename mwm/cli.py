@@ -407,6 +407,12 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return _api(args, action)
 
 
+def cmd_echo(args: argparse.Namespace) -> int:
+    from .echo import run_echo
+
+    return run_echo(args.target, calling_aet=args.calling_aet, timeout=args.timeout, count=args.count)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     print(f"mwm {__version__}")
     return EXIT_OK
@@ -484,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     _client_options(p)
     p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("echo", help="send a DICOM C-ECHO and report the round trip")
+    p.add_argument("target", metavar="AE@HOST:PORT")
+    p.add_argument("--calling-aet", default="MWM-ECHO", metavar="AET")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--count", type=int, default=1)
+    p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=cmd_version)

@@ -67,8 +67,50 @@ class TokenSpec:
 
 
 @dataclass(frozen=True)
+class DicomSource:
+    """A known sender: its calling AE title and, optionally, the only address it may come from."""
+
+    ae_title: str = field(metadata={"check": _check_aet})
+    host: str | None = None
+
+
+@dataclass(frozen=True)
+class DicomAe:
+    """Per-AE-title settings of the DICOM SCP: which SOP classes it accepts."""
+
+    ae_title: str = field(metadata={"check": _check_aet})
+    allow_sop_classes: tuple[str, ...] = ()  # empty: every storage SOP class
+    deny_sop_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    """The DICOM SCP (enabled by ``server.dicom``)."""
+
+    ae_titles: tuple[str, ...] = field(default=(), metadata={"check": _check_aets})
+    aes: tuple[DicomAe, ...] = ()
+    sources: tuple[DicomSource, ...] = ()
+    reject_unknown_sources: bool | None = None  # default: true when sources are listed
+    max_associations: int = field(default=16, metadata={"check": positive})
+    max_pdu_size: int = 0  # 0: unlimited
+    acse_timeout: Duration = Duration(30.0)
+    dimse_timeout: Duration = Duration(60.0)
+    network_timeout: Duration = Duration(60.0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
+
+    @property
+    def rejects_unknown_sources(self) -> bool:
+        if self.reject_unknown_sources is None:
+            return bool(self.sources)
+        return self.reject_unknown_sources
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     http: str = field(default="127.0.0.1:8080", metadata={"check": _check_address})
+    dicom: str | None = field(default=None, metadata={"check": lambda v, w: v is None or _check_address(v, w)})
     data_dir: Path = Path("./mwm-data")
     ae_title: str = field(default="MWM", metadata={"check": _check_aet})
     max_upload_size: ByteSize = ByteSize(2 * 2**30)
@@ -168,6 +210,7 @@ class Settings:
     storage: StorageSpec = StorageSpec()
     jobs: JobSettings = JobSettings()
     delivery: DeliverySettings = DeliverySettings()
+    dicom: DicomSettings = DicomSettings()
     apps: tuple[AppSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     source: Path | None = None
@@ -194,6 +237,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSettings,
     "jobs": JobSettings,
     "delivery": DeliverySettings,
+    "dicom": DicomSettings,
 }
 
 
@@ -286,6 +330,9 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
             if sink not in sink_ids:
                 raise ConfigError(f"apps[{i}].sinks[{j}]: no sink with id {sink!r} is configured")
     server: ServerSettings = sections["server"]
+    dicom: DicomSettings = sections["dicom"]
+    if (dicom.tls_cert is None) != (dicom.tls_key is None):
+        raise ConfigError("dicom.tls_key: TLS needs both tls_cert and tls_key")
     if server.tokens_file is not None and not server.tokens_file.is_file():
         raise ConfigError(f"server.tokens_file: {server.tokens_file} is not a readable file")
     return Settings(
@@ -294,6 +341,7 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
         storage=storage,
         jobs=sections["jobs"],
         delivery=sections["delivery"],
+        dicom=sections["dicom"],
         apps=apps,
         sinks=sinks,
         source=source,

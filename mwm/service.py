@@ -71,6 +71,8 @@ class Service:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failure: BaseException | None = None
         self.http_port: int | None = None
+        self.dicom_port: int | None = None
+        self.dicom: Any = None
         self.accepting = False
         # Built in _run:
         self.db: Database
@@ -202,6 +204,15 @@ class Service:
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             self.http_port = self._bound_port(runner, port)
+            if settings.server.dicom:
+                from .scp import DicomServer  # pynetdicom is loaded only when the SCP is enabled
+
+                self.dicom = DicomServer(settings=settings, ingestor=self.ingestor, apps=self.apps)
+                await self.dicom.start()
+                stack.push_async_callback(self.dicom.stop)
+                self.dicom_port = self.dicom.port
+                log.info("DICOM SCP listening on %s:%s as %s", split_address(settings.server.dicom)[0],
+                         self.dicom_port, settings.server.ae_title)
             self.accepting = True
             log.info(
                 "mwm %s listening on http://%s:%s (data in %s)",
