@@ -273,6 +273,19 @@ def test_command_line_run(study: synthetic.StudyInfo, tmp_path: Path) -> None:
     assert "wrote segmentation" in result.stdout
 
 
+def test_a_rerun_gives_the_same_uids(study: synthetic.StudyInfo, tmp_path: Path) -> None:
+    """Re-running on the same series must not create a second, different result instance."""
+    input_dir = study.paths[0].parents[1]
+    uids = []
+    for name in ("first", "second"):
+        result = _run_app(["-i", str(input_dir), "-o", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr
+        seg = pydicom.dcmread(tmp_path / name / "body_seg.dcm", stop_before_pixels=True)
+        uids.append((seg.SOPInstanceUID, seg.SeriesInstanceUID))
+    assert uids[0] == uids[1]
+    assert uids[0][0] != uids[0][1]
+
+
 def test_environment_run_creates_the_output_folder(study: synthetic.StudyInfo, tmp_path: Path) -> None:
     input_dir = study.paths[0].parents[1]
     out = tmp_path / "deep" / "er" / "out"

@@ -503,9 +503,19 @@ def segment_body(
 # --------------------------------------------------------------------------------------------------
 
 
+def derived_uid(source_series_uid: str, role: str) -> str:
+    """A UID determined by the source series and this app's version.
+
+    Running the app again on the same series gives the same UIDs, so a receiver that keys on
+    SOP Instance UID stores a re-run's result once instead of twice.
+    """
+    return str(pydicom.uid.generate_uid(entropy_srcs=[APP_NAME, APP_VERSION, source_series_uid, role]))
+
+
 def build_segmentation(source_images: Sequence[Dataset], mask: npt.NDArray[np.bool_]) -> hd.seg.Segmentation:
     """A BINARY DICOM Segmentation with one "Body" segment referencing ``source_images``."""
     first = source_images[0]
+    source_series = str(first.SeriesInstanceUID)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=APP_NAME,
         family=codes.cid7162.MorphologicalOperations,
@@ -523,16 +533,16 @@ def build_segmentation(source_images: Sequence[Dataset], mask: npt.NDArray[np.bo
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_id="body",
-        tracking_uid=hd.UID(),
+        tracking_uid=derived_uid(source_series, "tracking"),
     )
     return hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=derived_uid(source_series, "series"),
         series_number=(1000 + image_series_number(first)) % 2**31,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=derived_uid(source_series, "instance"),
         instance_number=1,
         manufacturer="mwm",
         manufacturer_model_name="ct_sample",
