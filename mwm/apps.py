@@ -14,7 +14,7 @@ from typing import Any
 from . import plugins
 from .config import AppSpec, Settings, parse_app
 from .db import Database
-from .errors import ConfigError, Conflict, NotFound
+from .errors import ConfigError, Conflict, NotFound, PluginError
 from .options import build, to_plain
 
 
@@ -43,7 +43,10 @@ class AppRegistry:
         for i, sink in enumerate(app.sinks):
             if sink not in self._sink_ids:
                 raise ConfigError(f"{where}.sinks[{i}]: no sink with id {sink!r} is configured")
-        plugins.load(plugins.ENGINES, app.engine)  # an unknown engine names the installed ones
+        try:
+            plugins.load(plugins.ENGINES, app.engine)
+        except PluginError as exc:  # an unknown engine names the installed ones
+            raise ConfigError(f"{where}.engine: {exc.message}", exc.detail) from None
         return self._validate_engine(app, where)
 
     async def load(self) -> None:

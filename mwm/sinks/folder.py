@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -15,6 +16,11 @@ from ..results import safe_segment
 from ..storage.local import fsync_dir
 from ..uids import is_valid_uid
 from . import Delivery, DeliveryOutcome, Sink
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class FolderSink(Sink):
             if self.options.fsync:
                 await asyncio.to_thread(fsync_dir, target.parent)
         except (OSError, MwmError) as exc:
-            await asyncio.to_thread(temp.unlink, True)
+            await asyncio.to_thread(_remove_quietly, temp)
             message = exc.message if isinstance(exc, MwmError) else f"{exc.strerror or exc}"
             return DeliveryOutcome(delivery.delivery_id, "failed", f"cannot write {target}: {message}")
         return DeliveryOutcome(delivery.delivery_id, "delivered")

@@ -1,0 +1,69 @@
+"""Small helpers shared by the tests: uploads and waiting for states over the real HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mwm.client import Client
+
+T = TypeVar("T")
+
+
+async def upload_files(
+    client: Client,
+    paths: Sequence[Path],
+    *,
+    apps: Sequence[str] = (),
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    parts = [p.read_bytes() for p in paths]
+    return await client.upload(parts, params=[("app", a) for a in apps], headers=headers or {})
+
+
+async def post_raw(client: Client, body: bytes, *, content_type: str = "application/dicom",
+                   params: dict[str, str] | None = None, headers: dict[str, str] | None = None
+                   ) -> tuple[int, dict[str, Any]]:
+    async with client.session.post(
+        client.url + "/v1/instances", data=body, params=params,
+        headers={"Content-Type": content_type, **(headers or {})},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 30.0,
+                     interval: float = 0.05, what: str = "condition") -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+async def wait_jobs(client: Client, count: int, states: Sequence[str] = ("succeeded",), *,
+                    timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Wait until exactly ``count`` jobs exist and all are in ``states``."""
+
+    async def check() -> list[dict[str, Any]] | None:
+        jobs = (await client.get("/v1/jobs", limit=1000))["jobs"]
+        if len(jobs) == count and all(j["state"] in states for j in jobs):
+            return sorted(jobs, key=lambda j: j["id"])
+        return None
+
+    return await eventually(check, timeout=timeout, what=f"{count} jobs in {states}")
+
+
+async def wait_job_state(client: Client, job_id: int, states: Sequence[str], *,
+                         timeout: float = 60.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        job = await client.get(f"/v1/jobs/{job_id}")
+        return job if job["state"] in states else None
+
+    return await eventually(check, timeout=timeout, what=f"job {job_id} in {states}")
