@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -42,22 +43,36 @@ class InstanceHeaders:
         return asdict(self)
 
 
+def _raw(ds: Dataset, keyword: str) -> str | None:
+    """An attribute's value as text, read from its raw bytes.
+
+    pydicom's own conversion would validate (and warn about) values we check ourselves, and
+    would decode more than we need; UIDs and the few codes we record are ASCII.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds._dict:
+        return None
+    element = ds._dict[tag]
+    value = getattr(element, "value", None)
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("latin-1").strip("\0 ")
+    if value is None:
+        return ""
+    return str(value).strip("\0 ")
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     try:
-        value = ds.get(keyword, "")
+        value = _raw(ds, keyword)
     except Exception:  # noqa: BLE001 - a malformed optional attribute is not fatal
         return ""
-    return "" if value is None else str(value).strip()[:256]
+    return "" if value is None else value[:256]
 
 
 def _uid(ds: Dataset, keyword: str, label: str) -> str:
-    try:
-        value = ds.get(keyword)
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidDicom(f"cannot read {label}", str(exc)) from None
-    if value is None or str(value).strip("\0 ") == "":
+    text = _raw(ds, keyword)
+    if not text:
         raise InvalidDicom(f"missing {label}")
-    text = str(value).strip("\0 ")
     if not is_valid_uid(text):
         raise InvalidDicom(f"invalid {label}", f"{text[:80]!r} is not a DICOM UID")
     return text
