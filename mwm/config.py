@@ -36,14 +36,14 @@ def _check_id(value: str, where: str) -> None:
         )
 
 
+def _check_aet(value: str, where: str) -> None:
+    if not AE_TITLE.match(value) or value.strip() != value:
+        raise ConfigError(f"{where}: {value!r} is not a valid AE title (1 to 16 printable characters)")
+
+
 def _check_aets(values: tuple[str, ...], where: str) -> None:
     for i, value in enumerate(values):
-        if not AE_TITLE.match(value) or value.strip() != value:
-            raise ConfigError(f"{where}[{i}]: {value!r} is not a valid AE title (1 to 16 printable characters)")
-
-
-def _check_aet(value: str, where: str) -> None:
-    _check_aets((value,), where)
+        _check_aet(value, f"{where}[{i}]")
 
 
 def _check_address(value: str, where: str) -> None:
@@ -288,6 +288,8 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
                 f"among {', '.join(sorted(sections))})"
             )
         key = rest[len(section) + 1 :]
+        if section in _SECTIONS and key not in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            raise ConfigError(f"{name}: unknown environment override: [{section}] has no key {key!r}")
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table")

@@ -1,0 +1,140 @@
+"""The command line, as a user runs it: ``mwm serve`` as a process, the other commands against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE_APP, base_config, url_of
+
+MWM = [sys.executable, "-m", "mwm"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *MWM, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_quickstart_configuration_end_to_end(tmp_path, small_study) -> None:
+    """The README's first command: mwm serve with the sample configuration, then mwm send."""
+    (tmp_path / "samples").symlink_to(ROOT / "samples")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MWM_SERVER_HTTP": f"127.0.0.1:{port}", "MWM_URL": url}
+    server = await asyncio.create_subprocess_exec(
+        *MWM, "serve", "--config", str(ROOT / "samples" / "config" / "mwm.toml"),
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(200):
+            code, out, _ = await run("apps", "--json", env=env)
+            if code == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert [a["id"] for a in json.loads(out)["apps"]] == ["ct-sample"]
+
+        code, out, err = await run("send", str(small_study.paths[0].parent.parent), env=env)
+        assert code == 0, err
+        assert f"sent {len(small_study.paths)} files" in out and f"{len(small_study.paths)} stored" in out
+
+        code, out, _ = await run("buckets", env=env)
+        assert code == 0 and "ct-sample" in out
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            code, out, _ = await run("jobs", "--json", env=env)
+            jobs = json.loads(out)["jobs"]
+            if jobs and jobs[0]["state"] == "succeeded":
+                break
+            await asyncio.sleep(0.5)
+        assert jobs[0]["state"] == "succeeded"
+        code, out, _ = await run("jobs", "show", str(jobs[0]["id"]), env=env)
+        assert code == 0 and "body_seg.dcm" in out and "delivered" in out
+        seg = tmp_path / "results" / small_study.study_uid / "ct-sample" / "body_seg.dcm"
+        assert seg.is_file()
+        code, out, _ = await run("sinks", env=env)
+        assert "gateway" in out and "pull" in out
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err_bytes = await asyncio.wait_for(server.communicate(), 30)
+    assert server.returncode == 0, err_bytes.decode()
+    assert "stopping" in err_bytes.decode()
+
+
+async def test_client_commands(tmp_path, make_service, small_study) -> None:
+    config = base_config(tmp_path, apps=[{"id": "ct", "command": SAMPLE_APP, "timeout": "1h"}])
+    service = await make_service(config)
+    env = {"MWM_URL": url_of(service)}
+    code, out, err = await run("send", *map(str, small_study.paths[:3]), "--correlation-id", "study-42",
+                               "--calling-aet", "CT1", "--json", env=env)
+    assert code == 0, err
+    assert json.loads(out)["stored"] == 3
+    code, out, _ = await run("buckets", "--json", env=env)
+    (bucket,) = json.loads(out)["buckets"]
+    assert bucket["correlation_id"] == "study-42" and bucket["instance_count"] == 3
+    code, out, _ = await run("buckets", "close", str(bucket["id"]), env=env)
+    assert code == 0 and "closed: job" in out
+    job_id = int(out.split("job ")[1].split()[0])
+    code, out, _ = await run("jobs", "cancel", str(job_id), env=env)
+    assert code == 0 and f"job {job_id}: cancelled" in out
+    code, out, _ = await run("jobs", "retry", str(job_id), env=env)
+    assert code == 0 and f"job {job_id}: scheduled" in out
+    code, _, err = await run("jobs", "retry", str(job_id), env=env)
+    assert code == 1 and "only failed or cancelled jobs" in err
+    code, _, err = await run("jobs", "show", "999", env=env)
+    assert code == 1 and "no job 999" in err
+
+
+async def test_send_reports_rejections_with_reasons(tmp_path, make_service, small_study) -> None:
+    service = await make_service(base_config(tmp_path))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.dcm").write_bytes(small_study.paths[0].read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.dcm").write_bytes(small_study.paths[1].read_bytes())
+    code, out, _ = await run("send", str(folder), "--url", url_of(service))
+    assert code == 1
+    assert "sent 3 files" in out and "2 stored" in out and "1 rejected" in out
+    assert "not a DICOM Part-10 file" in out and "notes.txt" in out
+
+
+async def test_unreachable_service_is_a_clear_error() -> None:
+    code, _, err = await run("jobs", "--url", f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and "cannot reach mwm" in err
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("[server]\nhttp = 'nowhere'\n", "server.http: expected HOST:PORT"),
+        ("[[apps]]\nid = 'x'\nengine = 'kubernetes'\ncommand = ['true']\n", "apps[0].engine: unknown engine"),
+        ("[[apps]]\nid = 'x'\n", "apps[0].command: required key is missing"),
+        ("[[sinks]]\nid = 's'\nkind = 'ftp'\n", "sinks[0].kind: unknown sink kind 'ftp'"),
+        ("[server]\nhttp = '0.0.0.0:0'\n", "refusing to listen on 0.0.0.0"),
+    ],
+)
+async def test_serve_refuses_a_bad_configuration(tmp_path, config, message) -> None:
+    path = tmp_path / "mwm.toml"
+    path.write_text(config + f"\n[database]\npath = '{tmp_path / 'db.sqlite'}'\n")
+    code, _, err = await run("serve", "--config", str(path), cwd=tmp_path)
+    assert code in (1, 2)
+    assert message in err, err

@@ -1,0 +1,104 @@
+"""The ``Storage`` contract, run against every implementation available here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mwm.errors import StorageError, StorageFull
+from mwm.storage import Storage, check_key
+from mwm.storage.local import LocalOptions, LocalStorage
+
+
+@pytest.fixture(params=["local"])
+async def storage(request, tmp_path) -> AsyncIterator[Storage]:
+    store = LocalStorage(LocalOptions(path=tmp_path / "store"), data_dir=tmp_path)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_put_get_and_list(storage, tmp_path) -> None:
+    await storage.put_bytes("a/b/one.bin", b"1" * 10)
+    source = tmp_path / "src.bin"
+    source.write_bytes(os.urandom(3 << 20))
+    await storage.put_file("a/c/two.bin", source)
+    assert source.exists()  # copied, not consumed
+    assert await storage.get_bytes("a/b/one.bin") == b"1" * 10
+    assert await storage.size("a/c/two.bin") == 3 << 20
+    streamed = b"".join([chunk async for chunk in storage.stream("a/c/two.bin", chunk_size=1 << 20)])
+    assert streamed == source.read_bytes()
+    assert await storage.list("a") == ["a/b/one.bin", "a/c/two.bin"]
+    assert await storage.exists("a/b/one.bin") and not await storage.exists("a/b/none.bin")
+    dest = tmp_path / "fetched" / "two.bin"
+    await storage.fetch("a/c/two.bin", dest)
+    assert dest.read_bytes() == source.read_bytes()
+    await storage.delete("a/b/one.bin")
+    await storage.delete("a/b/one.bin")  # idempotent
+    assert not await storage.exists("a/b/one.bin")
+    with pytest.raises(StorageError):
+        await storage.get_bytes("a/b/one.bin")
+
+
+async def test_move_consumes_the_source(storage, tmp_path) -> None:
+    source = tmp_path / "staged.bin"
+    source.write_bytes(b"x" * 100)
+    await storage.put_file("k/staged.bin", source, move=True)
+    assert not source.exists()
+    assert await storage.get_bytes("k/staged.bin") == b"x" * 100
+
+
+async def test_overwrite_is_atomic_for_readers(storage) -> None:
+    await storage.put_bytes("k/v", b"old" * 100_000)
+
+    async def reader() -> set[bytes]:
+        seen = set()
+        for _ in range(50):
+            seen.add((await storage.get_bytes("k/v"))[:3])
+            await asyncio.sleep(0)
+        return seen
+
+    writer = asyncio.gather(*(storage.put_bytes("k/v", b"new" * 100_000) for _ in range(10)))
+    seen, _ = await asyncio.gather(reader(), writer)
+    assert seen <= {b"old", b"new"}
+    assert await storage.get_bytes("k/v") == b"new" * 100_000
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "/abs", "a//b", "a/../b", ".hidden", "a/.", "", "a/b c", "x" * 1100])
+async def test_keys_from_outside_are_refused(storage, key) -> None:
+    with pytest.raises(StorageError):
+        check_key(key)
+    with pytest.raises(StorageError):
+        await storage.put_bytes(key, b"x")
+
+
+async def test_local_storage_reports_a_full_disk(tmp_path, monkeypatch) -> None:
+    import errno
+
+    store = LocalStorage(LocalOptions(path=tmp_path / "s"), data_dir=tmp_path)
+    await store.open()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shutil.copyfile", full)
+    source = tmp_path / "f"
+    source.write_bytes(b"x")
+    with pytest.raises(StorageFull):
+        await store.put_file("a/b", source)
+    assert not (tmp_path / "s" / "a" / "b").exists()
+    assert list((tmp_path / "s" / ".tmp").iterdir()) == []
+
+
+async def test_local_storage_cleans_half_written_files_at_start(tmp_path) -> None:
+    root = tmp_path / "s"
+    (root / ".tmp").mkdir(parents=True)
+    (root / ".tmp" / "crashed.part").write_bytes(b"half")
+    store = LocalStorage(LocalOptions(path=root), data_dir=tmp_path)
+    await store.open()
+    assert list((root / ".tmp").iterdir()) == []
+    assert isinstance(store.local_path("a/b"), Path)
