@@ -211,8 +211,12 @@ class Service:
                 await self.dicom.start()
                 stack.push_async_callback(self.dicom.stop)
                 self.dicom_port = self.dicom.port
-                log.info("DICOM SCP listening on %s:%s as %s", split_address(settings.server.dicom)[0],
-                         self.dicom_port, settings.server.ae_title)
+                log.info(
+                    "DICOM SCP listening on %s:%s as %s",
+                    split_address(settings.server.dicom)[0],
+                    self.dicom_port,
+                    settings.server.ae_title,
+                )
             self.accepting = True
             log.info(
                 "mwm %s listening on http://%s:%s (data in %s)",

@@ -24,18 +24,26 @@ async def upload_files(
     return await client.upload(parts, params=[("app", a) for a in apps], headers=headers or {})
 
 
-async def post_raw(client: Client, body: bytes, *, content_type: str = "application/dicom",
-                   params: dict[str, str] | None = None, headers: dict[str, str] | None = None
-                   ) -> tuple[int, dict[str, Any]]:
+async def post_raw(
+    client: Client,
+    body: bytes,
+    *,
+    content_type: str = "application/dicom",
+    params: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
     async with client.session.post(
-        client.url + "/v1/instances", data=body, params=params,
+        client.url + "/v1/instances",
+        data=body,
+        params=params,
         headers={"Content-Type": content_type, **(headers or {})},
     ) as response:
         return response.status, await response.json()
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 30.0,
-                     interval: float = 0.05, what: str = "condition") -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> T:
     """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -47,8 +55,9 @@ async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
-async def wait_jobs(client: Client, count: int, states: Sequence[str] = ("succeeded",), *,
-                    timeout: float = 60.0) -> list[dict[str, Any]]:
+async def wait_jobs(
+    client: Client, count: int, states: Sequence[str] = ("succeeded",), *, timeout: float = 60.0
+) -> list[dict[str, Any]]:
     """Wait until exactly ``count`` jobs exist and all are in ``states``."""
 
     async def check() -> list[dict[str, Any]] | None:
@@ -60,8 +69,9 @@ async def wait_jobs(client: Client, count: int, states: Sequence[str] = ("succee
     return await eventually(check, timeout=timeout, what=f"{count} jobs in {states}")
 
 
-async def wait_job_state(client: Client, job_id: int, states: Sequence[str], *,
-                         timeout: float = 60.0) -> dict[str, Any]:
+async def wait_job_state(
+    client: Client, job_id: int, states: Sequence[str], *, timeout: float = 60.0
+) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         job = await client.get(f"/v1/jobs/{job_id}")
         return job if job["state"] in states else None

@@ -42,8 +42,9 @@ def stored_files(root: Path) -> list[str]:
 
 @pytest.fixture
 async def service_and_client(tmp_path, make_service, client_for):
-    config = base_config(tmp_path, server={"max_upload_size": "3MB"},
-                         apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}])
+    config = base_config(
+        tmp_path, server={"max_upload_size": "3MB"}, apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}]
+    )
     service = await make_service(config)
     return service, await client_for(service)
 
@@ -100,20 +101,22 @@ async def test_oversized_upload_is_refused_with_413(service_and_client, small_st
     with pytest.raises(ClientError) as caught:
         await client.upload(parts, params=[], headers={})
     assert caught.value.status == 413 and "larger than the limit" in caught.value.message
+
     # Streamed without a Content-Length: refused while reading.
     async def body():
         for part in parts:
             yield part
 
-    async with client.session.post(client.url + "/v1/instances", data=body(),
-                                   headers={"Content-Type": "application/dicom"}) as response:
+    async with client.session.post(
+        client.url + "/v1/instances", data=body(), headers={"Content-Type": "application/dicom"}
+    ) as response:
         assert response.status == 413
     assert os.listdir(service.settings.staging_dir) == []
     assert (await client.get("/health"))["status"] == "ok"
 
 
 async def test_unknown_app_id_is_404_and_nothing_is_stored(service_and_client, small_study):
-    service, client = service_and_client
+    _service, client = service_and_client
     with pytest.raises(ClientError) as caught:
         await upload_files(client, small_study.paths[:1], apps=["no-such-app"])
     assert caught.value.status == 404 and "no-such-app" in caught.value.message
@@ -150,6 +153,10 @@ async def test_malformed_requests_get_json_errors(service_and_client, method, pa
 async def test_correlation_header_is_checked(service_and_client, small_study):
     _, client = service_and_client
     with pytest.raises(ClientError) as caught:
-        await client.request("POST", "/v1/instances", data=small_study.paths[0].read_bytes(),
-                             headers={"Content-Type": "application/dicom", "X-Correlation-ID": "x" * 500})
+        await client.request(
+            "POST",
+            "/v1/instances",
+            data=small_study.paths[0].read_bytes(),
+            headers={"Content-Type": "application/dicom", "X-Correlation-ID": "x" * 500},
+        )
     assert caught.value.status == 400

@@ -25,8 +25,12 @@ def free_port() -> int:
 
 async def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *MWM, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})}, cwd=cwd,
+        *MWM,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -40,8 +44,14 @@ async def test_quickstart_configuration_end_to_end(tmp_path, small_study) -> Non
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MWM_SERVER_HTTP": f"127.0.0.1:{port}", "MWM_URL": url}
     server = await asyncio.create_subprocess_exec(
-        *MWM, "serve", "--config", str(ROOT / "samples" / "config" / "mwm.toml"),
-        cwd=tmp_path, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        *MWM,
+        "serve",
+        "--config",
+        str(ROOT / "samples" / "config" / "mwm.toml"),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         for _ in range(200):
@@ -83,8 +93,16 @@ async def test_client_commands(tmp_path, make_service, small_study) -> None:
     config = base_config(tmp_path, apps=[{"id": "ct", "command": SAMPLE_APP, "timeout": "1h"}])
     service = await make_service(config)
     env = {"MWM_URL": url_of(service)}
-    code, out, err = await run("send", *map(str, small_study.paths[:3]), "--correlation-id", "study-42",
-                               "--calling-aet", "CT1", "--json", env=env)
+    code, out, err = await run(
+        "send",
+        *map(str, small_study.paths[:3]),
+        "--correlation-id",
+        "study-42",
+        "--calling-aet",
+        "CT1",
+        "--json",
+        env=env,
+    )
     assert code == 0, err
     assert json.loads(out)["stored"] == 3
     code, out, _ = await run("buckets", "--json", env=env)

@@ -45,8 +45,10 @@ def test_the_sample_configuration_is_valid() -> None:
         ({"apps": [{"command": ["x"]}]}, "apps[0].id: required key is missing"),
         ({"apps": [{"id": "a", "grouping": "visit"}]}, "apps[0].grouping: expected 'patient' or 'study' or 'series'"),
         ({"apps": [{"id": "a", "match": {"modalty": ["CT"]}}]}, "apps[0].match.modalty: unknown key"),
-        ({"apps": [{"id": "a", "match": {"series_description": "("}}]},
-         "apps[0].match.series_description: invalid regular expression"),
+        (
+            {"apps": [{"id": "a", "match": {"series_description": "("}}]},
+            "apps[0].match.series_description: invalid regular expression",
+        ),
         ({"apps": [{"id": "a", "sinks": ["x"]}]}, "apps[0].sinks[0]: no sink with id 'x' is configured"),
         ({"apps": [{"id": "a"}, {"id": "a"}]}, "apps[1].id: 'a' is declared twice"),
         ({"sinks": [{"id": "s"}]}, "sinks[0].kind: required key is missing"),
@@ -63,10 +65,16 @@ def test_invalid_configuration_names_the_key(data, message) -> None:
 def test_environment_overrides(tmp_path) -> None:
     path = tmp_path / "mwm.toml"
     path.write_text('[server]\nhttp = "127.0.0.1:8080"\n')
-    settings = load_settings(path, environ={
-        "MWM_SERVER_HTTP": "127.0.0.1:9999", "MWM_JOBS_MAX_PARALLEL": "7", "MWM_STORAGE_FSYNC": "false",
-        "MWM_URL": "http://ignored", "MWM_TOKEN": "ignored",
-    })
+    settings = load_settings(
+        path,
+        environ={
+            "MWM_SERVER_HTTP": "127.0.0.1:9999",
+            "MWM_JOBS_MAX_PARALLEL": "7",
+            "MWM_STORAGE_FSYNC": "false",
+            "MWM_URL": "http://ignored",
+            "MWM_TOKEN": "ignored",
+        },
+    )
     assert settings.server.http == "127.0.0.1:9999"
     assert settings.jobs.max_parallel == 7
     assert settings.storage.options["fsync"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import random
 import sys
@@ -21,19 +22,27 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 def sample_config(tmp_path: Path, **app: Any) -> dict[str, Any]:
     return base_config(
         tmp_path,
-        apps=[{
-            "id": "ct", "command": SAMPLE_APP, "match": {"called_aet": ["MWM"], "modality": ["CT"]},
-            "timeout": "1s", "sinks": ["out", "gateway"], **app,
-        }],
+        apps=[
+            {
+                "id": "ct",
+                "command": SAMPLE_APP,
+                "match": {"called_aet": ["MWM"], "modality": ["CT"]},
+                "timeout": "1s",
+                "sinks": ["out", "gateway"],
+                **app,
+            }
+        ],
         sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}, {"id": "gateway", "kind": "pull"}],
     )
 
 
 async def test_two_interleaved_studies_make_two_jobs_and_reach_both_sinks(tmp_path, make_service, client_for):
-    big = synthetic.generate_study(tmp_path / "big", series_count=2, instances_per_series=30, rows=64, cols=64,
-                                   seed=101)
-    small = synthetic.generate_study(tmp_path / "small", series_count=1, instances_per_series=10, rows=64,
-                                     cols=64, seed=202)
+    big = synthetic.generate_study(
+        tmp_path / "big", series_count=2, instances_per_series=30, rows=64, cols=64, seed=101
+    )
+    small = synthetic.generate_study(
+        tmp_path / "small", series_count=1, instances_per_series=10, rows=64, cols=64, seed=202
+    )
     service = await make_service(sample_config(tmp_path))
     client = await client_for(service)
     files = big.paths + small.paths
@@ -138,10 +147,19 @@ async def test_discovery_rules_and_explicit_apps(tmp_path, make_service, client_
             {"id": "mr-only", "command": ["true"], "match": {"modality": ["MR"]}, "timeout": "30s"},
             {"id": "by-aet", "command": ["true"], "match": {"called_aet": ["AI-CT"]}, "timeout": "30s"},
             {"id": "by-origin", "command": ["true"], "match": {"calling_aet": ["CT-SCANNER"]}, "timeout": "30s"},
-            {"id": "thin", "command": ["true"], "timeout": "30s",
-             "match": {"series_description": "1\\.25mm$", "body_part": "^CHEST$"}},
-            {"id": "series", "command": ["true"], "grouping": "series", "timeout": "30s",
-             "match": {"sop_class_uid": ["1.2.840.10008.5.1.4.1.1.2"]}},
+            {
+                "id": "thin",
+                "command": ["true"],
+                "timeout": "30s",
+                "match": {"series_description": "1\\.25mm$", "body_part": "^CHEST$"},
+            },
+            {
+                "id": "series",
+                "command": ["true"],
+                "grouping": "series",
+                "timeout": "30s",
+                "match": {"sop_class_uid": ["1.2.840.10008.5.1.4.1.1.2"]},
+            },
             {"id": "off", "command": ["true"], "enabled": False, "timeout": "30s"},
         ],
     )
@@ -155,18 +173,28 @@ async def test_discovery_rules_and_explicit_apps(tmp_path, make_service, client_
     assert counts == {"ct-only": [12], "by-aet": [12], "by-origin": [12], "thin": [6], "series": [6, 6]}
 
     # Explicit application ids bypass the rules (MR app, CT data).
-    other = synthetic.generate_study(tmp_path / "o", series_count=1, instances_per_series=2, rows=16, cols=16,
-                                     seed=5)
+    other = synthetic.generate_study(tmp_path / "o", series_count=1, instances_per_series=2, rows=16, cols=16, seed=5)
     status, answer = await upload_files(client, other.paths, apps=["mr-only"])
     assert status == 200
     assert {b["app_id"] for i in answer["instances"] for b in i["buckets"]} == {"mr-only"}
 
 
-async def test_a_failing_application_is_retried_then_failed_with_its_log(tmp_path, make_service, client_for,
-                                                                         small_study):
+async def test_a_failing_application_is_retried_then_failed_with_its_log(
+    tmp_path, make_service, client_for, small_study
+):
     script = "import sys; print('loading model'); print('out of memory', file=sys.stderr); sys.exit(3)"
-    config = base_config(tmp_path, apps=[{"id": "bad", "command": [sys.executable, "-c", script],
-                                          "arguments": False, "timeout": "100ms", "max_attempts": 3}])
+    config = base_config(
+        tmp_path,
+        apps=[
+            {
+                "id": "bad",
+                "command": [sys.executable, "-c", script],
+                "arguments": False,
+                "timeout": "100ms",
+                "max_attempts": 3,
+            }
+        ],
+    )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)
@@ -192,8 +220,10 @@ async def test_cancel_kills_the_whole_process_group(tmp_path, make_service, clie
         f"open({str(marker)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
         "time.sleep(600)\n"
     )
-    config = base_config(tmp_path, apps=[{"id": "slow", "command": [sys.executable, "-c", script],
-                                          "arguments": False, "timeout": "100ms"}])
+    config = base_config(
+        tmp_path,
+        apps=[{"id": "slow", "command": [sys.executable, "-c", script], "arguments": False, "timeout": "100ms"}],
+    )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)
@@ -204,8 +234,9 @@ async def test_cancel_kills_the_whole_process_group(tmp_path, make_service, clie
     assert cancelled["state"] == "cancelled"
 
     def gone() -> bool:
-        return all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-                   for pid in pids)
+        return all(
+            not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in pids
+        )
 
     await eventually(lambda: asyncio.sleep(0, gone()), timeout=15, what="application processes to end")
     status, body = 0, {}
@@ -217,8 +248,19 @@ async def test_cancel_kills_the_whole_process_group(tmp_path, make_service, clie
 
 
 async def test_run_timeout_fails_the_job(tmp_path, make_service, client_for, small_study):
-    config = base_config(tmp_path, apps=[{"id": "hang", "command": ["sleep", "600"], "arguments": False,
-                                          "timeout": "100ms", "run_timeout": "1s", "max_attempts": 1}])
+    config = base_config(
+        tmp_path,
+        apps=[
+            {
+                "id": "hang",
+                "command": ["sleep", "600"],
+                "arguments": False,
+                "timeout": "100ms",
+                "run_timeout": "1s",
+                "max_attempts": 1,
+            }
+        ],
+    )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)
@@ -226,8 +268,9 @@ async def test_run_timeout_fails_the_job(tmp_path, make_service, client_for, sma
     assert job["error"].startswith("timed out after 1 s")
 
 
-async def test_an_application_that_writes_nothing_succeeds_with_no_results(tmp_path, make_service, client_for,
-                                                                          small_study):
+async def test_an_application_that_writes_nothing_succeeds_with_no_results(
+    tmp_path, make_service, client_for, small_study
+):
     config = base_config(tmp_path, apps=[{"id": "quiet", "command": ["true"], "timeout": "100ms"}])
     service = await make_service(config)
     client = await client_for(service)
@@ -251,8 +294,12 @@ async def test_application_sees_the_monai_deploy_contract(tmp_path, make_service
     )
     models = tmp_path / "models"
     models.mkdir()
-    config = base_config(tmp_path, apps=[{"id": "probe", "command": [sys.executable, "-c", script],
-                                          "model_path": str(models), "timeout": "100ms"}])
+    config = base_config(
+        tmp_path,
+        apps=[
+            {"id": "probe", "command": [sys.executable, "-c", script], "model_path": str(models), "timeout": "100ms"}
+        ],
+    )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)
@@ -268,17 +315,28 @@ async def test_application_sees_the_monai_deploy_contract(tmp_path, make_service
 
 async def test_per_app_parallel_limit(tmp_path, make_service, client_for):
     script = "import time; time.sleep(0.5)"
-    config = base_config(tmp_path, apps=[{"id": "one-at-a-time", "command": [sys.executable, "-c", script],
-                                          "arguments": False, "timeout": "100ms", "max_parallel": 1}])
+    config = base_config(
+        tmp_path,
+        apps=[
+            {
+                "id": "one-at-a-time",
+                "command": [sys.executable, "-c", script],
+                "arguments": False,
+                "timeout": "100ms",
+                "max_parallel": 1,
+            }
+        ],
+    )
     service = await make_service(config)
     client = await client_for(service)
     for seed in (1, 2, 3):
-        study = synthetic.generate_study(tmp_path / f"s{seed}", series_count=1, instances_per_series=1, rows=16,
-                                         cols=16, seed=seed)
+        study = synthetic.generate_study(
+            tmp_path / f"s{seed}", series_count=1, instances_per_series=1, rows=16, cols=16, seed=seed
+        )
         await upload_files(client, study.paths)
     jobs = await wait_jobs(client, 3, timeout=30)
     spans = sorted((j["started_at"], j["finished_at"]) for j in jobs)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, f"jobs overlapped: {spans}"
 
 
@@ -318,8 +376,10 @@ async def test_a_failing_sink_does_not_hold_up_another(tmp_path, make_service, c
     config = base_config(
         tmp_path,
         apps=[{"id": "ct", "command": SAMPLE_APP, "timeout": "100ms", "sinks": ["broken", "good"]}],
-        sinks=[{"id": "broken", "kind": "folder", "path": str(blocked)},
-               {"id": "good", "kind": "folder", "path": str(tmp_path / "good")}],
+        sinks=[
+            {"id": "broken", "kind": "folder", "path": str(blocked)},
+            {"id": "good", "kind": "folder", "path": str(tmp_path / "good")},
+        ],
         delivery={"max_attempts": 3, "retry_backoff": "50ms"},
     )
     service = await make_service(config)
@@ -351,8 +411,9 @@ async def settled_rows(check: Any) -> list[dict[str, Any]]:
 async def test_app_management_api(tmp_path, make_service, client_for, small_study):
     service = await make_service(sample_config(tmp_path))
     client = await client_for(service)
-    created = await client.post("/v1/apps", {"id": "api-app", "command": ["true"], "timeout": "100ms",
-                                             "match": {"modality": ["CT"]}})
+    created = await client.post(
+        "/v1/apps", {"id": "api-app", "command": ["true"], "timeout": "100ms", "match": {"modality": ["CT"]}}
+    )
     assert created["origin"] == "api" and created["command"] == ["true"]
     updated = await client.put("/v1/apps/api-app", {"command": ["true"], "timeout": "5s"})
     assert updated["timeout"] == 5.0 and updated["match"]["modality"] == []

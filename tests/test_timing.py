@@ -23,8 +23,14 @@ def test_bucket_deadline(last_arrival, timeout, opened_at, max_age, deadline) ->
 
 @pytest.mark.parametrize(
     ("attempt", "base", "cap", "delay"),
-    [(0, 10.0, 600.0, 0.0), (1, 10.0, 600.0, 10.0), (2, 10.0, 600.0, 20.0), (3, 10.0, 600.0, 40.0),
-     (7, 10.0, 600.0, 600.0), (10_000, 10.0, 600.0, 600.0)],
+    [
+        (0, 10.0, 600.0, 0.0),
+        (1, 10.0, 600.0, 10.0),
+        (2, 10.0, 600.0, 20.0),
+        (3, 10.0, 600.0, 40.0),
+        (7, 10.0, 600.0, 600.0),
+        (10_000, 10.0, 600.0, 600.0),
+    ],
 )
 def test_backoff(attempt, base, cap, delay) -> None:
     assert backoff(attempt, base, cap) == delay
