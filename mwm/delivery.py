@@ -87,14 +87,14 @@ class DeliveryService:
             log.exception("sink %s raised", sink.id)
             outcomes = [DeliveryOutcome(d.delivery_id, "failed", f"{type(exc).__name__}: {exc}") for d in batch]
         by_id = {o.delivery_id: o for o in outcomes}
+        now = time.time()  # one time for the batch, so its retries stay one batch
         for delivery in batch:
             outcome = by_id.get(delivery.delivery_id) or DeliveryOutcome(
                 delivery.delivery_id, "failed", "the sink reported no outcome"
             )
-            await self._record(sink, delivery, outcome)
+            await self._record(sink, delivery, outcome, now)
 
-    async def _record(self, sink: Sink, delivery: Delivery, outcome: DeliveryOutcome) -> None:
-        now = time.time()
+    async def _record(self, sink: Sink, delivery: Delivery, outcome: DeliveryOutcome, now: float) -> None:
         extra = {"job_id": delivery.job_id, "app_id": delivery.app_id, "correlation_id": delivery.correlation_id}
         if outcome.state in ("delivered", "skipped"):
             await self.db.record_delivery(delivery.delivery_id, outcome.state, now=now, error=outcome.error)

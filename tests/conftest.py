@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import synthetic
+from support import ServiceFactory, base_config
 
 from mwm.client import Client
 from mwm.config import settings_from_mapping
 from mwm.service import Service
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "samples"))
-
-import synthetic  # noqa: E402
-
-SAMPLE_APP = ["python", str(ROOT / "samples" / "apps" / "ct_sample" / "app.py")]
-
-ServiceFactory = Callable[..., Awaitable[Service]]
-
-
-def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
-    """A configuration on the embedded defaults, in ``tmp_path``, listening on an ephemeral port."""
-    config: dict[str, Any] = {
-        "server": {"http": "127.0.0.1:0", "data_dir": str(tmp_path / "data")},
-        "storage": {"fsync": True},
-        "jobs": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
-        "delivery": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
-    }
-    for name, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(name), dict):
-            config[name] = {**config[name], **value}
-        else:
-            config[name] = value
-    return config
 
 
 @pytest.fixture
@@ -56,16 +32,12 @@ async def make_service(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
         await service.stop()
 
 
-def url_of(service: Service) -> str:
-    return f"http://127.0.0.1:{service.http_port}"
-
-
 @pytest.fixture
 async def client_for() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
     clients: list[Client] = []
 
     async def factory(service: Service, token: str | None = None) -> Client:
-        client = Client(url_of(service), token)
+        client = Client(f"http://127.0.0.1:{service.http_port}", token)
         await client.__aenter__()
         clients.append(client)
         return client

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import base_config
-from helpers import post_raw, upload_files
 from pydicom import config as pydicom_config
+from support import base_config, post_raw, upload_files
 
 from mwm.client import ClientError
 

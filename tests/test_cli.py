@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_APP, base_config, url_of
+from support import ROOT, SAMPLE_APP, base_config, url_of
 
 MWM = [sys.executable, "-m", "mwm"]
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pydicom
 import synthetic
-from conftest import SAMPLE_APP, base_config
-from helpers import eventually, upload_files, wait_job_state, wait_jobs
+from support import SAMPLE_APP, base_config, eventually, upload_files, wait_job_state, wait_jobs
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 

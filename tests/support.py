@@ -1,4 +1,4 @@
-"""Small helpers shared by the tests: uploads and waiting for states over the real HTTP API."""
+"""Shared test support: configurations, uploads over the real HTTP API, waiting for states."""
 
 from __future__ import annotations
 
@@ -9,8 +9,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mwm.client import Client
+from mwm.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_APP = ["python", str(ROOT / "samples" / "apps" / "ct_sample" / "app.py")]
 
 T = TypeVar("T")
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A configuration on the embedded defaults, in ``tmp_path``, listening on an ephemeral port."""
+    config: dict[str, Any] = {
+        "server": {"http": "127.0.0.1:0", "data_dir": str(tmp_path / "data")},
+        "storage": {"fsync": True},
+        "jobs": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
+        "delivery": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **value}
+        else:
+            config[name] = value
+    return config
+
+
+def url_of(service: Service) -> str:
+    return f"http://127.0.0.1:{service.http_port}"
 
 
 async def upload_files(
