@@ -53,7 +53,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except MwmError as exc:
-        return error_json(exc.http_status, exc.code, exc.message, exc.detail)
+        response = error_json(exc.http_status, exc.code, exc.message, exc.detail)
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mwm"'
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -143,7 +146,8 @@ def choice_param(request: web.Request, name: str, choices: tuple[str, ...]) -> s
 
 
 def instance_json(row: dict[str, Any]) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {"id": row["id"]}
+    out |= {
         k: row[k]
         for k in (
             "sop_instance_uid",
@@ -315,7 +319,7 @@ def _upload_response(outcomes: list[Outcome], *, single: bool) -> web.Response:
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("stored", "duplicate", "rejected", "failed")}
     body = {"instances": [o.to_json() for o in outcomes], **counts}
     accepted = [o for o in outcomes if o.accepted]
-    if len(accepted) == len(outcomes):
+    if outcomes and len(accepted) == len(outcomes):
         status = 200
     elif not accepted:
         status = outcomes[0].http_status if outcomes else 400
@@ -693,7 +697,9 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response(await service_of(request).stats())
+    data = await service_of(request).stats()
+    data["since"] = iso(data["since"])
+    return json_response(data)
 
 
 def routes() -> list[web.RouteDef]:

@@ -769,7 +769,9 @@ class Database:
 
     async def list_results(self, job_id: int | None, limit: int) -> list[dict[str, Any]]:
         if job_id is not None:
-            return await self.job_results(job_id)
+            return await self.fetch_all(
+                "SELECT * FROM results WHERE job_id = ? ORDER BY id DESC LIMIT ?", (job_id, limit)
+            )
         return await self.fetch_all("SELECT * FROM results ORDER BY id DESC LIMIT ?", (limit,))
 
     async def job_deliveries(self, job_id: int) -> list[dict[str, Any]]:

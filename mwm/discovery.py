@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from .config import AppSpec, MatchRules
 from .db import BucketTarget
+from .errors import NotFound
 
 
 @lru_cache(maxsize=512)
@@ -68,6 +69,9 @@ def discover(
     """
     by_id = {app.id: app for app in apps}
     if explicit:
+        missing = [app_id for app_id in explicit if app_id not in by_id]
+        if missing:
+            raise NotFound(f"no application {missing[0]!r}")
         return [target(by_id[app_id], headers) for app_id in dict.fromkeys(explicit)]
     return [
         target(app, headers)

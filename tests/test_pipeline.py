@@ -60,6 +60,11 @@ async def test_two_interleaved_studies_make_two_jobs_and_reach_both_sinks(tmp_pa
     assert by_study[big.study_uid]["instance_count"] == 60
     assert by_study[small.study_uid]["instance_count"] == 10
 
+    async def folder_delivered() -> bool:
+        rows = (await client.get("/v1/deliveries", sink="out", state="delivered"))["deliveries"]
+        return len(rows) == 4
+
+    await eventually(folder_delivered, what="the folder sink to receive 4 results")
     for study in (big, small):
         job = await client.get(f"/v1/jobs/{by_study[study.study_uid]['id']}")
         assert {s["series_instance_uid"] for s in job["series"]} == {s.series_uid for s in study.series}
@@ -67,9 +72,7 @@ async def test_two_interleaved_studies_make_two_jobs_and_reach_both_sinks(tmp_pa
         paths = {r["path"] for r in job["results"]}
         assert paths == {"body_seg.dcm", "metadata.json"}
         # Folder sink: the files are where the layout says, and the SEG references the study.
-        seg_path = tmp_path / "out" / study.study_uid / "ct" / "body_seg.dcm"
-        await eventually(lambda p=seg_path: asyncio.sleep(0, p.exists()), what=f"{seg_path}")
-        seg = pydicom.dcmread(seg_path)
+        seg = pydicom.dcmread(tmp_path / "out" / study.study_uid / "ct" / "body_seg.dcm")
         assert seg.SOPClassUID == SEG_SOP_CLASS
         assert seg.StudyInstanceUID == study.study_uid
         assert (tmp_path / "out" / study.study_uid / "ct" / "metadata.json").is_file()
@@ -442,3 +445,34 @@ async def test_app_management_api(tmp_path, make_service, client_for, small_stud
     await client2.delete("/v1/apps/api-app")
     assert {a["id"] for a in (await client2.get("/v1/apps"))["apps"]} == {"ct"}
     json.dumps(created)  # the API's JSON is plain JSON
+
+
+async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(tmp_path, make_service, client_for,
+                                                                       small_study):
+    runs = tmp_path / "runs"
+    script = (
+        "import os, pathlib, sys, time\n"
+        f"runs = pathlib.Path({str(runs)!r}); runs.mkdir(exist_ok=True)\n"
+        "n = len(list(runs.iterdir())); (runs / str(n)).write_text(str(os.getpid()))\n"
+        "time.sleep(600 if n == 0 else 0)\n"
+        "(pathlib.Path(os.environ['HOLOSCAN_OUTPUT_PATH']) / 'done.txt').write_text('done')\n"
+    )
+    config = base_config(tmp_path, apps=[{"id": "long", "command": [sys.executable, "-c", script],
+                                          "arguments": False, "timeout": "100ms", "sinks": ["pull"]}],
+                         sinks=[{"id": "pull", "kind": "pull"}])
+    first = await make_service(config)
+    client = await client_for(first)
+    await upload_files(client, small_study.paths)
+    (job,) = await wait_jobs(client, 1, ("running",))
+    await eventually(lambda: asyncio.sleep(0, (runs / "0").exists()), what="the first run to start")
+    first_pid = int((runs / "0").read_text())
+    await first.stop()
+    assert not Path(f"/proc/{first_pid}").exists()  # stopped with mwm, not left behind
+
+    second = await make_service(config)
+    client = await client_for(second)
+    (again,) = await wait_jobs(client, 1)
+    assert again["id"] == job["id"] and again["result_count"] == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["0", "1"]
+    results = (await client.get("/v1/sinks/pull/results"))["results"]
+    assert [r["path"] for r in results] == ["done.txt"]
