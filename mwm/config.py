@@ -211,6 +211,8 @@ class Settings:
     jobs: JobSettings = JobSettings()
     delivery: DeliverySettings = DeliverySettings()
     dicom: DicomSettings = DicomSettings()
+    #: Per-engine settings tables (``[engines.argo]``), validated by each engine plugin.
+    engines: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
     apps: tuple[AppSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     source: Path | None = None
@@ -299,7 +301,7 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
 
 def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Settings:
     """Validate raw configuration tables and build the frozen ``Settings``."""
-    known = set(_SECTIONS) | {"storage", "apps", "sinks"}
+    known = set(_SECTIONS) | {"storage", "apps", "sinks", "engines"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
@@ -316,6 +318,9 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
     if not isinstance(kind, str):
         raise ConfigError(f"storage.kind: expected a string, got {kind!r}")
     storage = StorageSpec(kind=kind, options=MappingProxyType({k: v for k, v in storage_table.items() if k != "kind"}))
+    engines_raw = data.get("engines", {})
+    if not isinstance(engines_raw, Mapping) or not all(isinstance(v, Mapping) for v in engines_raw.values()):
+        raise ConfigError("engines: expected tables such as [engines.argo]")
     apps_raw = data.get("apps", [])
     sinks_raw = data.get("sinks", [])
     if not isinstance(apps_raw, list):
@@ -344,6 +349,7 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
         jobs=sections["jobs"],
         delivery=sections["delivery"],
         dicom=sections["dicom"],
+        engines=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in engines_raw.items()}),
         apps=apps,
         sinks=sinks,
         source=source,

@@ -167,6 +167,8 @@ class Service:
 
             self.engines = EngineRegistry(settings=settings, storage=self.storage)
             stack.push_async_callback(self.engines.close)
+            for engine_name in sorted({app.engine for app in self.apps.all()} | set(settings.engines)):
+                await self.engines.get(engine_name)  # engine settings are checked at start-up
 
             self.jobs = JobService(
                 settings=settings,

@@ -88,10 +88,20 @@ class Engine(ABC):
     Options: ClassVar[type[Any]]
     #: Seconds between polls in the default ``wait``.
     poll_interval: ClassVar[float] = 2.0
+    #: A frozen dataclass of the engine-wide settings (the ``[engines.<name>]`` table), if any.
+    EngineSettings: ClassVar[type[Any] | None] = None
 
     def __init__(self, *, settings: Settings, storage: Storage) -> None:
+        from ..errors import ConfigError
+        from ..options import build
+
         self.settings = settings
         self.storage = storage
+        table = settings.engines.get(self.name, {})
+        if self.EngineSettings is not None:
+            self.engine_settings: Any = build(self.EngineSettings, table, f"engines.{self.name}")
+        elif table:
+            raise ConfigError(f"engines.{self.name}: the {self.name} engine takes no settings")
 
     async def open(self) -> None:
         """Acquire shared resources (HTTP sessions, ...)."""
