@@ -31,6 +31,8 @@ SERVICE_KEY = web.AppKey("service", Any)
 PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
 CHUNK = 1 << 20
 PARALLEL_PARTS = 4
+KEEPALIVE_SECONDS = 15.0
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -696,6 +698,48 @@ async def list_events(request: web.Request) -> web.Response:
     return json_response({"events": rows})
 
 
+async def event_stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: every recorded event, as it is committed (``id`` is the event id).
+
+    Starts after ``Last-Event-ID`` (a reconnecting client), else ``after``, else now.
+    """
+    service = service_of(request)
+    last = request.headers.get("Last-Event-ID") or request.query.get("after")
+    try:
+        after = int(last) if last is not None else await service.db.last_event_id()
+    except ValueError:
+        raise BadRequest("Last-Event-ID and after must be whole numbers") from None
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    idle = 0.0
+    while service.accepting:
+        rows = await service.db.events(after, limit=500)
+        for row in rows:
+            after = row["id"]
+            row["ts"] = iso(row["ts"])
+            payload = json.dumps(row, separators=(",", ":"))
+            await response.write(f"id: {after}\nevent: {row['kind']}\ndata: {payload}\n\n".encode())
+        if rows:
+            idle = 0.0
+            continue
+        # Short waits, so a stopping service ends the stream promptly.
+        if not await service.db.wait_for_change(1.0):
+            idle += 1.0
+            if idle >= KEEPALIVE_SECONDS:
+                await response.write(b": keep-alive\n\n")
+                idle = 0.0
+    return response
+
+
+async def metrics(request: web.Request) -> web.Response:
+    service = service_of(request)
+    await service.metrics.refresh(service)
+    return web.Response(body=service.metrics.render(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
 async def stats(request: web.Request) -> web.Response:
     data = await service_of(request).stats()
     data["since"] = iso(data["since"])
@@ -731,6 +775,8 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/deliveries", list_deliveries),
         web.post("/v1/deliveries/{id}/retry", retry_delivery),
         web.get("/v1/events", list_events),
+        web.get("/v1/events/stream", event_stream),
+        web.get("/metrics", metrics),
         web.get("/v1/stats", stats),
     ]
 

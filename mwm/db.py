@@ -230,6 +230,7 @@ class Database:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -313,6 +314,20 @@ class Database:
                 except sqlite3.Error:
                     pass
                 raise DatabaseError("the database could not commit", str(exc)) from exc
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake everyone waiting in ``wait_for_change`` (each waiter holds the event it started with)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait until a transaction commits; False when ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         if self._reader is None:
@@ -886,6 +901,10 @@ class Database:
         async with self.transaction() as conn:
             await self._event(conn, kind, message, **kwargs)
 
+    async def last_event_id(self) -> int:
+        row = await self.fetch_one("SELECT COALESCE(MAX(id), 0) AS id FROM events")
+        return int(row["id"]) if row else 0
+
     async def events(self, after_id: int = 0, job_id: int | None = None, limit: int = 200) -> list[dict[str, Any]]:
         if job_id is not None:
             rows = await self.fetch_all(
@@ -896,6 +915,39 @@ class Database:
         for row in rows:
             row["data"] = json.loads(row["data"]) if row["data"] else None
         return rows
+
+    async def ingest_rate(self, now: float, minutes: int) -> list[int]:
+        """Instances received in each of the last ``minutes`` minutes, oldest first."""
+        start = (int(now) // 60 - minutes + 1) * 60
+        rows = await self.fetch_all(
+            "SELECT CAST((received_at - ?) / 60 AS INTEGER) AS slot, COUNT(*) AS n FROM instances"
+            " WHERE received_at >= ? GROUP BY slot",
+            (start, start),
+        )
+        counts = [0] * minutes
+        for row in rows:
+            if 0 <= row["slot"] < minutes:
+                counts[row["slot"]] = row["n"]
+        return counts
+
+    async def app_activity(self, since: float) -> dict[str, dict[str, Any]]:
+        """Per application since ``since``: jobs by state, instances routed, last failure."""
+        out: dict[str, dict[str, Any]] = {}
+        for row in await self.fetch_all(
+            "SELECT app_id, state, COUNT(*) AS n, SUM(instance_count) AS instances FROM jobs"
+            " WHERE created_at >= ? GROUP BY app_id, state",
+            (since,),
+        ):
+            entry = out.setdefault(row["app_id"], {"jobs": {}, "instances": 0, "last_error": None})
+            entry["jobs"][row["state"]] = row["n"]
+            entry["instances"] += row["instances"] or 0
+        for row in await self.fetch_all(
+            "SELECT app_id, error, MAX(updated_at) AS at FROM jobs WHERE state = 'failed' AND updated_at >= ?"
+            " GROUP BY app_id",
+            (since,),
+        ):
+            out.setdefault(row["app_id"], {"jobs": {}, "instances": 0, "last_error": None})["last_error"] = row["error"]
+        return out
 
     async def stats(self, since: float) -> dict[str, Any]:
         row = await self.fetch_one(

@@ -13,6 +13,7 @@ from . import plugins
 from .config import Settings
 from .db import Database
 from .errors import ConfigError, Conflict, MwmError, NotFound, SinkError
+from .metrics import Metrics
 from .options import build
 from .sinks import Delivery, DeliveryOutcome, Sink
 from .storage import Storage
@@ -37,8 +38,9 @@ def create_sinks(settings: Settings, storage: Storage, base_dir: Path) -> dict[s
 class DeliveryService:
     """Delivers pending results with retries and back-off, recording each delivery's state."""
 
-    def __init__(self, *, settings: Settings, db: Database, sinks: dict[str, Sink]) -> None:
+    def __init__(self, *, settings: Settings, db: Database, sinks: dict[str, Sink], metrics: Metrics) -> None:
         self.settings = settings.delivery
+        self.metrics = metrics
         self.db = db
         self.sinks = sinks
         self._wake = {sink_id: asyncio.Event() for sink_id in sinks}
@@ -95,6 +97,7 @@ class DeliveryService:
             await self._record(sink, delivery, outcome, now)
 
     async def _record(self, sink: Sink, delivery: Delivery, outcome: DeliveryOutcome, now: float) -> None:
+        self.metrics.delivery_attempts.labels(sink.id, outcome.state).inc()
         extra = {"job_id": delivery.job_id, "app_id": delivery.app_id, "correlation_id": delivery.correlation_id}
         if outcome.state in ("delivered", "skipped"):
             await self.db.record_delivery(delivery.delivery_id, outcome.state, now=now, error=outcome.error)

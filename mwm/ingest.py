@@ -21,6 +21,7 @@ from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
 from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError
 from .headers import InstanceHeaders, read_headers
+from .metrics import Metrics
 from .storage import Storage, key
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,8 @@ class Ingestor:
         staging_dir: Path,
         max_instance_size: int,
         on_buckets: Callable[[Sequence[dict[str, Any]]], None],
+        metrics: Metrics,
+        known_aets: Callable[[], set[str]],
     ) -> None:
         self.db = db
         self.storage = storage
@@ -196,6 +199,8 @@ class Ingestor:
         self.max_instance_size = max_instance_size
         self.committer = Committer(db)
         self._on_buckets = on_buckets
+        self._metrics = metrics
+        self._known_aets = known_aets
         self._in_flight: dict[str, asyncio.Lock] = {}
         self.accepting = True
 
@@ -216,6 +221,14 @@ class Ingestor:
 
     async def ingest_file(self, staged: Path, origin: Origin) -> Outcome:
         """Ingest a complete file from the staging folder; the file is consumed either way."""
+        outcome = await self._ingest_counted(staged, origin)
+        called = origin.called_aet if origin.called_aet in self._known_aets() else "other"
+        self._metrics.instances_received.labels(origin.source, called, outcome.status).inc()
+        if outcome.status in ("rejected", "failed"):
+            self._metrics.rejections.labels(origin.source, outcome.reason or outcome.status).inc()
+        return outcome
+
+    async def _ingest_counted(self, staged: Path, origin: Origin) -> Outcome:
         try:
             return await self._ingest(staged, origin)
         except MwmError as exc:
@@ -285,6 +298,10 @@ class Ingestor:
         )
         if record.buckets:
             self._on_buckets(record.buckets)
+            for bucket in record.buckets:
+                self._metrics.instances_routed.labels(bucket["app_id"]).inc()
+        if not record.duplicate:
+            self._metrics.received_bytes.labels(origin.source).inc(size)
         return Outcome(
             status="duplicate" if record.duplicate else "stored",
             sop_instance_uid=headers.sop_instance_uid,

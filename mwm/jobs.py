@@ -23,6 +23,7 @@ from .config import Settings
 from .db import ACTIVE_JOB_STATES, Database
 from .engines import EngineRegistry, EngineStatus, InputInstance, JobContext
 from .errors import Conflict, EngineError, MwmError, NotFound
+from .metrics import Metrics
 from .storage import Storage, key
 from .timing import backoff, remaining
 
@@ -88,6 +89,7 @@ class JobService:
         apps: AppRegistry,
         engines: EngineRegistry,
         on_results: Callable[[Sequence[str]], None],
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -95,6 +97,7 @@ class JobService:
         self.apps = apps
         self.engines = engines
         self._on_results = on_results
+        self.metrics = metrics
         self.timer = DeadlineTimer(self._deadline_due)
         self._wake_scheduler = asyncio.Event()
         self._runners: dict[int, asyncio.Task[None]] = {}
@@ -277,6 +280,7 @@ class JobService:
             try:
                 ref = await engine.launch(ctx)
             except EngineError as exc:
+                self.metrics.engine_errors.labels(job["engine"], "launch").inc()
                 await self._attempt_failed(
                     {**job, "attempt": attempt}, f"launch failed: {exc.message}", retryable=exc.retryable
                 )
@@ -296,6 +300,7 @@ class JobService:
                 await engine.cleanup(ctx, ref)
                 return
             job = {**job, "state": "running", "engine_ref": ref, "started_at": now, "attempt": attempt}
+            self.metrics.job_queue_delay.labels(job["app_id"]).observe(max(0.0, now - float(job["created_at"])))
             state = "running"
         ctx = await self._context(job, attempt)
         ref = job["engine_ref"]
@@ -362,6 +367,7 @@ class JobService:
         app = self.apps.get(job["app_id"]) if job["app_id"] in self.apps else None
         sinks = list(app.sinks) if app else []
         if await self.db.complete_job(job_id, found, sinks, result_data=metadata, log_key=log_key, now=time.time()):
+            self._observe(job, "succeeded")
             log.info(
                 "job %s succeeded: %d results for %s",
                 job_id,
@@ -386,7 +392,12 @@ class JobService:
             return None
         return log_key
 
+    def _observe(self, job: dict[str, Any], outcome: str) -> None:
+        if job.get("started_at"):
+            self.metrics.job_duration.labels(job["app_id"], outcome).observe(time.time() - float(job["started_at"]))
+
     async def _attempt_failed(self, job: dict[str, Any], reason: str, *, retryable: bool) -> None:
+        self._observe(job, "failed")
         job_id = int(job["id"])
         attempt = int(job["attempt"])
         now = time.time()

@@ -24,6 +24,7 @@ from .engines.local import log_tail
 from .errors import ConfigError, MwmError, ShuttingDown
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
+from .metrics import Metrics
 from .options import build
 from .storage import Storage
 
@@ -74,6 +75,7 @@ class Service:
         self.dicom_port: int | None = None
         self.dicom: Any = None
         self.accepting = False
+        self.metrics = Metrics()
         # Built in _run:
         self.db: Database
         self.storage: Storage
@@ -161,7 +163,7 @@ class Service:
             self.apps = AppRegistry(self.db, settings, build_engine_options)
             await self.apps.load()
 
-            self.delivery = DeliveryService(settings=settings, db=self.db, sinks=sinks)
+            self.delivery = DeliveryService(settings=settings, db=self.db, sinks=sinks, metrics=self.metrics)
             await self.delivery.open()
             stack.push_async_callback(self.delivery.close)
 
@@ -177,6 +179,7 @@ class Service:
                 apps=self.apps,
                 engines=self.engines,
                 on_results=self.delivery.wake,
+                metrics=self.metrics,
             )
             self.ingestor = Ingestor(
                 db=self.db,
@@ -185,6 +188,8 @@ class Service:
                 staging_dir=settings.staging_dir,
                 max_instance_size=settings.server.max_instance_size,
                 on_buckets=self.jobs.buckets_updated,
+                metrics=self.metrics,
+                known_aets=self.served_ae_titles,
             )
             await asyncio.to_thread(self.ingestor.prepare)
 
@@ -253,6 +258,14 @@ class Service:
 
     # -- queries used by the API ------------------------------------------------------------
 
+    def served_ae_titles(self) -> set[str]:
+        """Every AE title mwm answers to: its own, the SCP's extra ones and those apps are called by."""
+        titles = {self.settings.server.ae_title, *self.settings.dicom.ae_titles}
+        titles.update(ae.ae_title for ae in self.settings.dicom.aes)
+        for app in self.apps.all():
+            titles.update(app.match.called_aet)
+        return titles
+
     def check_accepting(self) -> None:
         if not self.accepting:
             raise ShuttingDown("mwm is stopping and accepts no new instances")
@@ -295,8 +308,13 @@ class Service:
         return "\n".join(text.splitlines()[-tail:]) if tail else text
 
     async def stats(self) -> dict[str, Any]:
+        now = time.time()
         midnight = time.mktime((*time.localtime()[:3], 0, 0, 0, 0, 0, -1))
         data = await self.db.stats(midnight)
+        data["ingest_per_minute"] = await self.db.ingest_rate(now, 15)
+        data["apps"] = await self.db.app_activity(now - 86400)
+        data["dicom_associations"] = self.dicom.associations if self.dicom is not None else None
+        data["accepting"] = self.accepting
         usage = await self.storage.usage()
         data["storage"] = {
             "free_bytes": usage.free_bytes,

@@ -611,6 +611,17 @@ async def test_every_endpoint_answers_as_documented(
     await api.get("/v1/events", params={"job": str(job_id), "after": "0", "limit": "50"})
     stats = await api.get("/v1/stats")
     assert stats["jobs"]["succeeded"] >= 1
+    metrics_text = await api.get("/metrics")
+    assert 'mwm_jobs{state="succeeded"}' in metrics_text
+    async with session.get(api.base + "/v1/events/stream", params={"after": "0"}) as response:
+        contract.check_response("get", "/v1/events/stream", response.status, response.content_type, b"")
+        lines: list[str] = []
+        while sum(line.startswith("id: ") for line in lines) < 3:
+            lines.append((await response.content.readline()).decode())
+    streamed = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    for event in streamed:
+        contract.validate("#/components/schemas/Event", event)
+    assert [e["id"] for e in streamed] == [e["id"] for e in events["events"][: len(streamed)]]
 
     # -- malformed query parameters ---------------------------------------------------------------------
     bad_queries = [

@@ -20,7 +20,7 @@ WRITE_TWO = (
 def test_the_plugin_is_found_by_name_without_importing_it() -> None:
     assert "webhook" in plugins.available(plugins.SINKS)
     assert {"folder", "pull"} <= set(plugins.available(plugins.SINKS))
-    assert plugins.available(plugins.ENGINES)[0] == "local"
+    assert "local" in plugins.available(plugins.ENGINES)
     with pytest.raises(PluginError, match=r"unknown sink kind 'carrier-pigeon' \(installed: .*webhook"):
         plugins.load(plugins.SINKS, "carrier-pigeon")
 
