@@ -407,6 +407,15 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return _api(args, action)
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    try:
+        from .tui.app import run_tui
+    except ImportError as exc:
+        print(f"mwm tui needs the 'tui' extra (pip install 'mwm[tui]'): {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_tui(url=args.url, token=args.token, theme=args.theme)
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from .echo import run_echo
 
@@ -490,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     _client_options(p)
     p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("tui", help="the live console: watch and steer a running mwm")
+    p.add_argument("--theme", choices=("dark", "light"), help="colour theme (default: the terminal's)")
+    _client_options(p)
+    p.set_defaults(func=cmd_tui)
 
     p = sub.add_parser("echo", help="send a DICOM C-ECHO and report the round trip")
     p.add_argument("target", metavar="AE@HOST:PORT")
