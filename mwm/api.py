@@ -253,6 +253,11 @@ def delivery_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class Gone(MwmError):
+    code = "gone"
+    http_status = 410
+
+
 class UnsupportedMediaType(MwmError):
     code = "unsupported_media_type"
     http_status = 415
@@ -577,6 +582,8 @@ async def download_result(request: web.Request) -> web.StreamResponse:
     row = await service.db.get_result(result_id)
     if row is None:
         raise NotFound(f"no result {result_id}")
+    if row.get("purged_at"):
+        raise Gone(f"result {result_id} was deleted by the retention policy")
     response = web.StreamResponse(
         headers={
             "Content-Type": row["media_type"],

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.token)
+    return Client(args.url, args.token, cafile=args.cacert)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -413,7 +413,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"mwm tui needs the 'tui' extra (pip install 'mwm[tui]'): {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_tui(url=args.url, token=args.token, theme=args.theme)
+    return run_tui(url=args.url, token=args.token, theme=args.theme)  # type: ignore[no-any-return]
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -434,6 +434,12 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         help="mwm's HTTP address (default: $MWM_URL or %(default)s)",
     )
     parser.add_argument("--token", default=os.environ.get("MWM_TOKEN"), help="bearer token (default: $MWM_TOKEN)")
+    parser.add_argument(
+        "--cacert",
+        default=os.environ.get("MWM_CACERT"),
+        metavar="FILE",
+        help="CA certificate to trust for an https URL (default: $MWM_CACERT)",
+    )
     parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -27,15 +28,21 @@ class ClientError(MwmError):
 class Client:
     """``async with Client(url, token) as c: await c.get("/v1/jobs")``."""
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0, cafile: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
+        self.cafile = cafile
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout * 10)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
+        connector = None
+        if self.cafile:
+            connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=self.cafile))
+        self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout, connector=connector)
         return self
 
     async def __aexit__(

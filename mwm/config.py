@@ -21,7 +21,7 @@ from .options import ByteSize, Duration, Regex, build, positive
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
-CLIENT_ENVIRONMENT = {"MWM_URL", "MWM_TOKEN", "MWM_CONFIG"}
+CLIENT_ENVIRONMENT = {"MWM_URL", "MWM_TOKEN", "MWM_CONFIG", "MWM_CACERT"}
 
 
 def _empty() -> Mapping[str, Any]:
@@ -120,6 +120,28 @@ class ServerSettings:
     tokens_file: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    tls_cert: Path | None = None  # HTTPS for the API when set (with tls_key)
+    tls_key: Path | None = None
+    #: Disk pressure: new uploads and associations are refused while the storage is fuller than
+    #: this percentage, or has less free space than ``disk_reserve``; jobs and deliveries go on.
+    disk_watermark: float = field(default=95.0, metadata={"check": lambda v, w: _check_percent(v, w)})
+    disk_reserve: ByteSize = ByteSize(1 << 30)
+
+
+def _check_percent(value: float, where: str) -> None:
+    if not 0 < value <= 100:
+        raise ConfigError(f"{where}: a percentage between 0 and 100 is expected, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What is deleted, and when. Data still needed (an open bucket, an unfinished job, a pending
+    delivery) is never deleted."""
+
+    instances_after: Duration | None = None  # keep instances this long after their job finished
+    results_after: Duration | None = None  # keep results this long after they were produced
+    only_delivered: bool = True  # delete results only once every delivery of them is delivered or skipped
+    interval: Duration = field(default=Duration(3600.0), metadata={"check": positive})
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,8 @@ class JobSettings:
     retry_backoff_max: Duration = Duration(600.0)
     keep_work: bool = False
     work_dir: Path | None = None  # default: <data_dir>/work
+    #: Largest output a job may write; a job writing more is stopped and failed.
+    max_output_size: ByteSize = ByteSize(20 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -211,6 +235,7 @@ class Settings:
     jobs: JobSettings = JobSettings()
     delivery: DeliverySettings = DeliverySettings()
     dicom: DicomSettings = DicomSettings()
+    retention: RetentionSettings = RetentionSettings()
     #: Per-engine settings tables (``[engines.argo]``), validated by each engine plugin.
     engines: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
     apps: tuple[AppSpec, ...] = ()
@@ -240,6 +265,7 @@ _SECTIONS: dict[str, type] = {
     "jobs": JobSettings,
     "delivery": DeliverySettings,
     "dicom": DicomSettings,
+    "retention": RetentionSettings,
 }
 
 
@@ -338,6 +364,8 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
                 raise ConfigError(f"apps[{i}].sinks[{j}]: no sink with id {sink!r} is configured")
     server: ServerSettings = sections["server"]
     dicom: DicomSettings = sections["dicom"]
+    if (server.tls_cert is None) != (server.tls_key is None):
+        raise ConfigError("server.tls_key: HTTPS needs both tls_cert and tls_key")
     if (dicom.tls_cert is None) != (dicom.tls_key is None):
         raise ConfigError("dicom.tls_key: TLS needs both tls_cert and tls_key")
     if server.tokens_file is not None and not server.tokens_file.is_file():
@@ -349,6 +377,7 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
         jobs=sections["jobs"],
         delivery=sections["delivery"],
         dicom=sections["dicom"],
+        retention=sections["retention"],
         engines=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in engines_raw.items()}),
         apps=apps,
         sinks=sinks,

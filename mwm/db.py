@@ -164,6 +164,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_job ON events (job_id);
     """,
+    # 2: retention marks results whose bytes were deleted
+    """
+    ALTER TABLE results ADD COLUMN purged_at REAL;
+    CREATE INDEX results_created ON results (created_at);
+    """,
 ]
 
 
@@ -900,6 +905,43 @@ class Database:
     async def add_event(self, kind: str, message: str, **kwargs: Any) -> None:
         async with self.transaction() as conn:
             await self._event(conn, kind, message, **kwargs)
+
+    # -- retention -------------------------------------------------------------------------------
+
+    async def purgeable_instances(self, cutoff: float, limit: int) -> list[dict[str, Any]]:
+        """Instances received before ``cutoff`` that no open bucket or unfinished job needs."""
+        return await self.fetch_all(
+            "SELECT i.id, i.storage_key FROM instances i WHERE i.received_at < ? AND NOT EXISTS ("
+            " SELECT 1 FROM bucket_instances bi JOIN buckets b ON b.id = bi.bucket_id"
+            " LEFT JOIN jobs j ON j.bucket_id = b.id"
+            " WHERE bi.instance_id = i.id AND (b.state = 'open' OR j.id IS NULL"
+            " OR j.state NOT IN ('succeeded', 'failed', 'cancelled') OR j.finished_at >= ?))"
+            " ORDER BY i.id LIMIT ?",
+            (cutoff, cutoff, limit),
+        )
+
+    async def forget_instances(self, instance_ids: Sequence[int], now: float) -> None:
+        marks = ",".join("?" * len(instance_ids))
+        async with self.transaction() as conn:
+            await conn.execute(f"DELETE FROM bucket_instances WHERE instance_id IN ({marks})", tuple(instance_ids))
+            await conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", tuple(instance_ids))
+            await self._event(conn, "retention.instances", f"{len(instance_ids)} instances deleted", ts=now)
+
+    async def purgeable_results(self, cutoff: float, only_delivered: bool, limit: int) -> list[dict[str, Any]]:
+        """Results produced before ``cutoff`` with no delivery still to make."""
+        unfinished = "('pending', 'failed')" if only_delivered else "('pending')"
+        return await self.fetch_all(
+            "SELECT r.id, r.storage_key FROM results r WHERE r.purged_at IS NULL AND r.created_at < ?"
+            f" AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.result_id = r.id AND d.state IN {unfinished})"
+            " ORDER BY r.id LIMIT ?",
+            (cutoff, limit),
+        )
+
+    async def mark_results_purged(self, result_ids: Sequence[int], now: float) -> None:
+        marks = ",".join("?" * len(result_ids))
+        async with self.transaction() as conn:
+            await conn.execute(f"UPDATE results SET purged_at = ? WHERE id IN ({marks})", (now, *result_ids))
+            await self._event(conn, "retention.results", f"{len(result_ids)} results deleted", ts=now)
 
     async def last_event_id(self) -> int:
         row = await self.fetch_one("SELECT COALESCE(MAX(id), 0) AS id FROM events")

@@ -19,7 +19,7 @@ from typing import Any
 from .apps import AppRegistry
 from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
-from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError
+from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError, StorageFull
 from .headers import InstanceHeaders, read_headers
 from .metrics import Metrics
 from .storage import Storage, key
@@ -203,6 +203,8 @@ class Ingestor:
         self._known_aets = known_aets
         self._in_flight: dict[str, asyncio.Lock] = {}
         self.accepting = True
+        #: Why new instances are refused (disk pressure), or None.
+        self.pressure: str | None = None
 
     def prepare(self) -> None:
         """Create the staging folder and remove what a crash left in it (never acknowledged)."""
@@ -253,6 +255,8 @@ class Ingestor:
     async def _ingest(self, staged: Path, origin: Origin) -> Outcome:
         if not self.accepting:
             raise ShuttingDown("mwm is stopping and accepts no new instances")
+        if self.pressure is not None:
+            raise StorageFull("disk pressure: new instances are refused", self.pressure)
         try:
             headers, size, sha256 = await asyncio.to_thread(_inspect, staged)
         except OSError as exc:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import ssl
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,14 +23,16 @@ from .db import Database
 from .delivery import DeliveryService, create_sinks
 from .engines import EngineRegistry
 from .engines.local import log_tail
-from .errors import ConfigError, MwmError, ShuttingDown
+from .errors import ConfigError, MwmError, ShuttingDown, StorageFull
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
 from .metrics import Metrics
 from .options import build
+from .retention import Retention
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+DISK_CHECK_INTERVAL = 1.0
 
 
 def is_loopback(host: str) -> bool:
@@ -76,6 +80,7 @@ class Service:
         self.dicom: Any = None
         self.accepting = False
         self.metrics = Metrics()
+        self.disk: dict[str, Any] = {}
         # Built in _run:
         self.db: Database
         self.storage: Storage
@@ -197,6 +202,11 @@ class Service:
             self._spawn(self.ingestor.committer.run(), "ingest-committer")
             self._spawn(self.jobs.run(), "jobs")
             self._spawn(self.delivery.run(), "deliveries")
+            await self._check_disk()
+            self._spawn(self._watch_disk(), "disk-pressure")
+            retention = Retention(settings=settings.retention, db=self.db, storage=self.storage)
+            if retention.enabled:
+                self._spawn(retention.run(), "retention")
 
             runner = web.AppRunner(
                 build_application(self, tokens),
@@ -208,7 +218,7 @@ class Service:
             stack.push_async_callback(runner.cleanup)
             stack.callback(self._stop_accepting)
             host, port = split_address(settings.server.http)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self._tls_context())
             await site.start()
             self.http_port = self._bound_port(runner, port)
             if settings.server.dicom:
@@ -269,6 +279,61 @@ class Service:
     def check_accepting(self) -> None:
         if not self.accepting:
             raise ShuttingDown("mwm is stopping and accepts no new instances")
+        if self.ingestor.pressure is not None:
+            raise StorageFull("disk pressure: new instances are refused", self.ingestor.pressure)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        server = self.settings.server
+        if server.tls_cert is None or server.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(server.tls_cert, server.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"server.tls_cert: cannot load the certificate and key: {exc}") from None
+        return context
+
+    async def _check_disk(self) -> None:
+        """Set or clear the ingest refusal from the space left where data is written."""
+        server = self.settings.server
+        reasons = []
+        places: list[tuple[str, int | None, int | None]] = []
+        try:
+            st = await asyncio.to_thread(os.statvfs, self.settings.data_dir)
+            places.append(
+                (f"data folder {self.settings.data_dir}", st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+            )
+            usage = await self.storage.usage()
+            places.append((f"{self.storage.kind} storage", usage.free_bytes, usage.total_bytes))
+        except (OSError, MwmError) as exc:
+            log.warning("cannot read the free space: %s", exc)
+            return
+        for place, free, total in places:
+            if free is None or not total:
+                continue
+            used_percent = 100.0 * (total - free) / total
+            if used_percent > server.disk_watermark:
+                reasons.append(f"{place} is {used_percent:.1f}% full (limit {server.disk_watermark:g}%)")
+            elif free < server.disk_reserve:
+                reasons.append(f"{place} has {free} bytes free (reserve {int(server.disk_reserve)})")
+        pressure = "; ".join(reasons) or None
+        if pressure != self.ingestor.pressure:
+            if pressure:
+                log.error("refusing new instances: %s", pressure)
+            else:
+                log.warning("disk pressure cleared: accepting new instances again")
+            self.ingestor.pressure = pressure
+        self.disk = {
+            "free_bytes": min((p[1] for p in places if p[1] is not None), default=None),
+            "watermark_percent": server.disk_watermark,
+            "reserve_bytes": int(server.disk_reserve),
+            "pressure": pressure,
+        }
+
+    async def _watch_disk(self) -> None:
+        while True:
+            await asyncio.sleep(DISK_CHECK_INTERVAL)
+            await self._check_disk()
 
     async def health(self) -> dict[str, Any]:
         report: dict[str, Any] = {"version": __version__, "uptime_seconds": round(time.time() - self.started_at, 1)}
@@ -315,6 +380,7 @@ class Service:
         data["apps"] = await self.db.app_activity(now - 86400)
         data["dicom_associations"] = self.dicom.associations if self.dicom is not None else None
         data["accepting"] = self.accepting
+        data["disk"] = self.disk
         usage = await self.storage.usage()
         data["storage"] = {
             "free_bytes": usage.free_bytes,

@@ -21,7 +21,9 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A configuration on the embedded defaults, in ``tmp_path``, listening on an ephemeral port."""
     config: dict[str, Any] = {
-        "server": {"http": "127.0.0.1:0", "data_dir": str(tmp_path / "data")},
+        # A small reserve: the suite must pass on a machine with little disk space left.
+        "server": {"http": "127.0.0.1:0", "data_dir": str(tmp_path / "data"), "disk_reserve": "16MB",
+                   "disk_watermark": 99.9},
         "storage": {"fsync": True},
         "jobs": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
         "delivery": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},

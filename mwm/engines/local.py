@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
 TERMINATE_GRACE = 5.0
+OUTPUT_CHECK_INTERVAL = 1.0
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the regular files under ``folder`` (links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 def _check_command(value: tuple[str, ...], where: str) -> None:
@@ -204,9 +215,29 @@ class LocalEngine(Engine):
         process = self._processes.get(ref)
         if process is None:
             return await self.poll(ctx, ref)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
-        return await self.poll(ctx, ref)
+        limit = int(self.settings.jobs.max_output_size)
+        deadline = time.monotonic() + timeout
+        while process.returncode is None:
+            left = deadline - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.wait()), max(0.0, min(left, OUTPUT_CHECK_INTERVAL)))
+                break
+            written = await asyncio.to_thread(folder_size, ctx.output_dir)
+            if written > limit:
+                await self._terminate_group(process.pid, process)
+                return EngineStatus(
+                    "failed", message=f"stopped: the application wrote {written} bytes, more than the limit of {limit}"
+                )
+            if left <= OUTPUT_CHECK_INTERVAL:
+                break
+        status = await self.poll(ctx, ref)
+        if status.state == "succeeded":
+            written = await asyncio.to_thread(folder_size, ctx.output_dir)
+            if written > limit:
+                return EngineStatus(
+                    "failed", message=f"the application wrote {written} bytes, more than the limit of {limit}"
+                )
+        return status
 
     async def _stop_orphan(self, ref: str) -> None:
         try:
