@@ -308,12 +308,14 @@ async def upload(request: web.Request) -> web.Response:
     service.check_accepting()
     content_type = request.content_type
     if content_type == "application/dicom":
-        outcomes = [await _upload_single(request, origin, limit)]
+        with service.upload_in_flight():
+            outcomes = [await _upload_single(request, origin, limit)]
     elif content_type == "multipart/related":
         part_type = request.headers.get("Content-Type", "")
         if 'type="application/dicom"' not in part_type.replace("'", '"') and "type=application/dicom" not in part_type:
             raise BadRequest('multipart/related uploads must declare type="application/dicom"')
-        outcomes = await _upload_multipart(request, origin, limit)
+        with service.upload_in_flight():
+            outcomes = await _upload_multipart(request, origin, limit)
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {content_type!r}",

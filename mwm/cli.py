@@ -71,6 +71,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"mwm: configuration error: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
         return EXIT_USAGE
     configure(args.log_level or settings.server.log_level, args.log_format or settings.server.log_format)
+    from . import faults
+
+    try:
+        faults.configure(os.environ.get("MWM_FAULTS"))
+    except ValueError as exc:
+        print(f"mwm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     async def run() -> int:
         service = Service(settings)

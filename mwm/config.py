@@ -21,7 +21,7 @@ from .options import ByteSize, Duration, Regex, build, positive
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
-CLIENT_ENVIRONMENT = {"MWM_URL", "MWM_TOKEN", "MWM_CONFIG", "MWM_CACERT"}
+CLIENT_ENVIRONMENT = {"MWM_URL", "MWM_TOKEN", "MWM_CONFIG", "MWM_CACERT", "MWM_FAULTS"}
 
 
 def _empty() -> Mapping[str, Any]:

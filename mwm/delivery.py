@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import plugins
+from . import faults, plugins
 from .config import Settings
 from .db import Database
 from .errors import ConfigError, Conflict, MwmError, NotFound, SinkError
@@ -80,7 +80,9 @@ class DeliveryService:
 
     async def _deliver(self, sink: Sink, batch: list[Delivery]) -> None:
         try:
+            faults.point("delivery.sending")
             outcomes = await sink.deliver(batch)
+            faults.point("delivery.sent")
         except asyncio.CancelledError:
             raise
         except SinkError as exc:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .apps import AppRegistry
 from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
@@ -261,6 +262,7 @@ class Ingestor:
             headers, size, sha256 = await asyncio.to_thread(_inspect, staged)
         except OSError as exc:
             raise StorageError("cannot read the received instance", str(exc)) from exc
+        faults.point("ingest.parsed")
         uid = headers.sop_instance_uid
         lock = self._in_flight.setdefault(uid, asyncio.Lock())
         try:
@@ -277,6 +279,7 @@ class Ingestor:
         known = await self.db.instance_exists(headers.sop_instance_uid)
         if not known:
             await self.storage.put_file(storage_key, staged, move=True)
+            faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(
             self.apps.all(),
@@ -300,6 +303,7 @@ class Ingestor:
                 targets=targets,
             )
         )
+        faults.point("ingest.recorded")
         if record.buckets:
             self._on_buckets(record.buckets)
             for bucket in record.buckets:

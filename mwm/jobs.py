@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from . import results as results_module
 from .apps import AppRegistry
 from .config import Settings
@@ -140,7 +141,9 @@ class JobService:
         app_id = bucket["app_id"]
         engine = self.apps.get(app_id).engine if app_id in self.apps else "local"
         max_attempts = self._max_attempts(app_id)
+        faults.point("bucket.closing")
         job_id = await self.db.close_bucket(bucket_id, reason, engine=engine, max_attempts=max_attempts, now=now)
+        faults.point("bucket.closed")
         if job_id is None:
             raise Conflict(f"bucket {bucket_id} is already closed")
         self.timer.discard(bucket_id)
@@ -278,7 +281,9 @@ class JobService:
             attempt += 1
             ctx = await self._context(job, attempt)
             try:
+                faults.point("job.launching")
                 ref = await engine.launch(ctx)
+                faults.point("job.launched")
             except EngineError as exc:
                 self.metrics.engine_errors.labels(job["engine"], "launch").inc()
                 await self._attempt_failed(
@@ -332,6 +337,7 @@ class JobService:
         job_id = int(job["id"])
         started = float(job["started_at"] or time.time())
         cancel_event = self._cancel_events[job_id]
+        faults.point("job.watching")
         while True:
             left = started + ctx.run_timeout - time.time()
             if left <= 0:
@@ -363,6 +369,7 @@ class JobService:
         job_id = int(job["id"])
         folder = await engine.collect(ctx, ref)
         found, metadata = await results_module.collect(self.storage, job_id, folder)
+        faults.point("job.collected")
         log_key = await self._store_log(job_id, ctx)
         app = self.apps.get(job["app_id"]) if job["app_id"] in self.apps else None
         sinks = list(app.sinks) if app else []

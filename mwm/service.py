@@ -9,7 +9,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,8 @@ class Service:
         self.accepting = False
         self.metrics = Metrics()
         self.disk: dict[str, Any] = {}
+        self._uploads = 0
+        self._uploads_done = asyncio.Event()
         # Built in _run:
         self.db: Database
         self.storage: Storage
@@ -216,6 +218,7 @@ class Service:
             )
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
+            stack.push_async_callback(self._drain, runner)
             stack.callback(self._stop_accepting)
             host, port = split_address(settings.server.http)
             site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self._tls_context())
@@ -251,6 +254,28 @@ class Service:
 
     def _stop_accepting(self) -> None:
         self.accepting = False
+
+    @contextlib.contextmanager
+    def upload_in_flight(self) -> Iterator[None]:
+        """Marks an upload that a graceful stop waits for."""
+        self._uploads += 1
+        try:
+            yield
+        finally:
+            self._uploads -= 1
+            if self._uploads == 0:
+                self._uploads_done.set()
+
+    async def _drain(self, runner: web.AppRunner) -> None:
+        """Stop listening, then let uploads in flight finish (aiohttp's own shutdown would drop
+        the rest of a request body still arriving)."""
+        for site in list(runner.sites):
+            await site.stop()
+        if self._uploads:
+            log.info("waiting for %d uploads in flight", self._uploads)
+            self._uploads_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._uploads_done.wait(), float(self.settings.server.shutdown_timeout))
 
     @staticmethod
     def _bound_port(runner: web.AppRunner, requested: int) -> int:
