@@ -403,7 +403,7 @@ async def _upload_multipart(request: web.Request, origin: Origin, limit: int) ->
                 await spool.discard()
                 raise
             if part_type != "application/dicom":
-                await asyncio.to_thread(staged.unlink, True)
+                await asyncio.to_thread(staged.path.unlink, True)
                 tasks.append(asyncio.ensure_future(_rejected(f"unsupported part type {part_type!r}")))
                 continue
             await slots.acquire()

@@ -12,16 +12,18 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from .errors import DatabaseError
 from .timing import bucket_deadline
+
+T = TypeVar("T")
 
 ACTIVE_JOB_STATES = ("launching", "running", "collecting")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
@@ -190,6 +192,7 @@ class NewInstance:
     size: int
     sha256: str
     targets: Sequence[BucketTarget] = ()
+    stored: bool = False  # the bytes were stored by this arrival (their name still to be synced)
 
 
 @dataclass(frozen=True)
@@ -232,18 +235,24 @@ class Database:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
         self._changed = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def _connect(self) -> aiosqlite.Connection:
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def _connect_reader(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         conn.row_factory = sqlite3.Row
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         await conn.execute("PRAGMA foreign_keys = ON")
         await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         return conn
@@ -251,24 +260,29 @@ class Database:
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await self._connect()
-            await self._migrate()
-            self._reader = await self._connect()
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mwm-db-writer")
+            loop = asyncio.get_running_loop()
+            self._writer = await loop.run_in_executor(self._executor, self._connect_writer)
+            await loop.run_in_executor(self._executor, self._migrate)
+            self._reader = await self._connect_reader()
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise DatabaseError(f"cannot open the database {self.path}", str(exc)) from exc
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+        if self._executor is not None:
+            writer = self._writer
+            if writer is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+            self._executor.shutdown(wait=True)
+        self._reader = self._writer = self._executor = None
 
-    async def _migrate(self) -> None:
+    def _migrate(self) -> None:
         assert self._writer is not None
-        async with self._writer.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
+        conn = self._writer
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > len(MIGRATIONS):
             raise DatabaseError(
                 f"the database {self.path} has schema version {version}, newer than this mwm "
@@ -276,14 +290,14 @@ class Database:
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             statements = [s for s in script.split(";") if s.strip()]
-            await self._writer.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in statements:
-                    await self._writer.execute(statement)
-                await self._writer.execute(f"PRAGMA user_version = {number}")
-                await self._writer.execute("COMMIT")
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
             except BaseException:
-                await self._writer.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
 
     @property
@@ -292,34 +306,35 @@ class Database:
 
     # -- primitives ------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction; committed on exit, rolled back on any error."""
-        if self._writer is None:
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction on the writer thread; committed, or rolled back on error."""
+        conn = self._writer
+        if conn is None:
             raise DatabaseError("the database is closed")
-        async with self._write_lock:
-            conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise DatabaseError("the database is unavailable", str(exc)) from exc
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
             try:
-                await conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise DatabaseError("the database is unavailable", str(exc)) from exc
-            try:
-                yield conn
-            except BaseException:
-                try:
-                    await conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise
-            try:
-                await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    await conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise DatabaseError("the database could not commit", str(exc)) from exc
-            self._notify()
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.Error):
+                raise DatabaseError("the database could not complete a write", str(exc)) from exc
+            raise
+        return result
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A whole write transaction in one hop to the writer thread (not one hop per statement)."""
+        if self._executor is None:
+            raise DatabaseError("the database is closed")
+        result = await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
+        self._notify()
+        return result
 
     def _notify(self) -> None:
         """Wake everyone waiting in ``wait_for_change`` (each waiter holds the event it started with)."""
@@ -351,8 +366,8 @@ class Database:
         await self.fetch_one("SELECT 1 AS ok")
 
     @staticmethod
-    async def _event(
-        conn: aiosqlite.Connection,
+    def _event(
+        conn: sqlite3.Connection,
         kind: str,
         message: str,
         *,
@@ -363,7 +378,7 @@ class Database:
         data: Mapping[str, Any] | None = None,
         ts: float | None = None,
     ) -> None:
-        await conn.execute(
+        conn.execute(
             "INSERT INTO events (ts, kind, app_id, bucket_id, job_id, correlation_id, message, data)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -388,15 +403,15 @@ class Database:
 
     async def record_instances(self, items: Sequence[NewInstance], now: float) -> list[RecordOutcome]:
         """Record instances and add them to their buckets, all in one transaction."""
-        outcomes: list[RecordOutcome] = []
-        async with self.transaction() as conn:
-            for item in items:
-                outcomes.append(await self._record_instance(conn, item, now))
-        return outcomes
 
-    async def _record_instance(self, conn: aiosqlite.Connection, item: NewInstance, now: float) -> RecordOutcome:
+        def tx(conn: sqlite3.Connection) -> list[RecordOutcome]:
+            return [self._record_instance(conn, item, now) for item in items]
+
+        return await self._write(tx)
+
+    def _record_instance(self, conn: sqlite3.Connection, item: NewInstance, now: float) -> RecordOutcome:
         h = item.headers
-        cur = await conn.execute(
+        cur = conn.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
             " transfer_syntax_uid, patient_id, modality, series_description, body_part, study_date,"
             " accession_number, source, calling_aet, called_aet, peer_address, correlation_id, storage_key,"
@@ -427,10 +442,9 @@ class Database:
         )
         duplicate = cur.rowcount == 0
         if duplicate:
-            async with conn.execute(
+            row = conn.execute(
                 "SELECT id FROM instances WHERE sop_instance_uid = ?", (h["sop_instance_uid"],)
-            ) as c:
-                row = await c.fetchone()
+            ).fetchone()
             assert row is not None
             instance_id = int(row[0])
         else:
@@ -438,16 +452,16 @@ class Database:
             instance_id = cur.lastrowid
         outcome = RecordOutcome(instance_id=instance_id, duplicate=duplicate)
         for target in item.targets:
-            bucket = await self._add_to_bucket(conn, instance_id, item, target, now, duplicate)
+            bucket = self._add_to_bucket(conn, instance_id, item, target, now, duplicate)
             if bucket is None:
                 outcome.skipped.append(target.app_id)
             else:
                 outcome.buckets.append(bucket)
         return outcome
 
-    async def _add_to_bucket(
+    def _add_to_bucket(
         self,
-        conn: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         instance_id: int,
         item: NewInstance,
         target: BucketTarget,
@@ -457,24 +471,25 @@ class Database:
         if duplicate:
             # The same SOP Instance UID twice is one instance: nothing to add to an open bucket,
             # and a processed one comes back only for applications configured to reprocess.
-            async with conn.execute(
-                "SELECT b.state FROM bucket_instances bi JOIN buckets b ON b.id = bi.bucket_id"
-                " WHERE bi.instance_id = ? AND b.app_id = ?",
-                (instance_id, target.app_id),
-            ) as c:
-                states = {r[0] for r in await c.fetchall()}
+            states = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT b.state FROM bucket_instances bi JOIN buckets b ON b.id = bi.bucket_id"
+                    " WHERE bi.instance_id = ? AND b.app_id = ?",
+                    (instance_id, target.app_id),
+                ).fetchall()
+            }
             if "open" in states or (states and not target.reprocess):
                 return None
-        async with conn.execute(
+        row = conn.execute(
             "SELECT id, opened_at, max_deadline, instance_count FROM buckets"
             " WHERE app_id = ? AND group_uid = ? AND state = 'open'",
             (target.app_id, target.group_uid),
-        ) as c:
-            row = await c.fetchone()
+        ).fetchone()
         if row is None:
             max_deadline = now + target.max_age
             deadline = bucket_deadline(now, target.timeout, now, target.max_age)
-            cur = await conn.execute(
+            cur = conn.execute(
                 "INSERT INTO buckets (app_id, grouping, group_uid, state, study_instance_uid, patient_id,"
                 " correlation_id, instance_count, opened_at, last_arrival_at, deadline, max_deadline)"
                 " VALUES (?, ?, ?, 'open', ?, ?, ?, 1, ?, ?, ?, ?)",
@@ -493,7 +508,7 @@ class Database:
             )
             assert cur.lastrowid is not None
             bucket_id = cur.lastrowid
-            await self._event(
+            self._event(
                 conn,
                 "bucket.opened",
                 f"bucket {bucket_id} opened for {target.app_id}",
@@ -505,12 +520,12 @@ class Database:
         else:
             bucket_id = int(row["id"])
             deadline = bucket_deadline(now, target.timeout, float(row["opened_at"]), target.max_age)
-            await conn.execute(
+            conn.execute(
                 "UPDATE buckets SET instance_count = instance_count + 1, last_arrival_at = ?, deadline = ?"
                 " WHERE id = ?",
                 (now, deadline, bucket_id),
             )
-        await conn.execute(
+        conn.execute(
             "INSERT OR IGNORE INTO bucket_instances (bucket_id, instance_id) VALUES (?, ?)",
             (bucket_id, instance_id),
         )
@@ -530,16 +545,16 @@ class Database:
         self, bucket_id: int, reason: str, *, engine: str, max_attempts: int, now: float
     ) -> int | None:
         """Close an open bucket and schedule its job; ``None`` when it was not open."""
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(
                 "UPDATE buckets SET state = 'closed', closed_at = ?, close_reason = ? WHERE id = ? AND state = 'open'",
                 (now, reason, bucket_id),
             )
             if cur.rowcount == 0:
                 return None
-            async with conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)) as c:
-                bucket = dict(await c.fetchone())  # type: ignore[arg-type]
-            cur = await conn.execute(
+            bucket = dict(conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)).fetchone())  # type: ignore[arg-type]
+            cur = conn.execute(
                 "INSERT INTO jobs (bucket_id, app_id, engine, state, max_attempts, correlation_id,"
                 " study_instance_uid, patient_id, instance_count, not_before, created_at, updated_at)"
                 " VALUES (?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -558,7 +573,7 @@ class Database:
                 ),
             )
             job_id = cur.lastrowid
-            await self._event(
+            self._event(
                 conn,
                 "job.scheduled",
                 f"bucket {bucket_id} closed ({reason}) with {bucket['instance_count']} instances: job {job_id}",
@@ -569,6 +584,8 @@ class Database:
                 ts=now,
             )
             return job_id
+
+        return await self._write(tx)
 
     async def bucket_instances(self, bucket_id: int) -> list[dict[str, Any]]:
         return await self.fetch_all(
@@ -605,36 +622,43 @@ class Database:
         return row
 
     async def put_app(self, app_id: str, origin: str, spec: Mapping[str, Any], now: float) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(
                 "INSERT INTO apps (id, origin, spec, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET origin = excluded.origin, spec = excluded.spec,"
                 " updated_at = excluded.updated_at",
                 (app_id, origin, json.dumps(spec), now, now),
             )
-            await self._event(conn, "app.saved", f"application {app_id} saved ({origin})", app_id=app_id, ts=now)
+            self._event(conn, "app.saved", f"application {app_id} saved ({origin})", app_id=app_id, ts=now)
+
+        return await self._write(tx)
 
     async def delete_app(self, app_id: str, now: float) -> bool:
-        async with self.transaction() as conn:
-            cur = await conn.execute("DELETE FROM apps WHERE id = ?", (app_id,))
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute("DELETE FROM apps WHERE id = ?", (app_id,))
             if cur.rowcount:
-                await self._event(conn, "app.deleted", f"application {app_id} deleted", app_id=app_id, ts=now)
+                self._event(conn, "app.deleted", f"application {app_id} deleted", app_id=app_id, ts=now)
             return cur.rowcount > 0
+
+        return await self._write(tx)
 
     async def sync_config_apps(self, specs: Mapping[str, Mapping[str, Any]], now: float) -> None:
         """Make the stored configuration-file apps equal to those in the file."""
-        async with self.transaction() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(
                 f"DELETE FROM apps WHERE origin = 'config' AND id NOT IN ({','.join('?' * len(specs))})",
                 tuple(specs),
             )
             for app_id, spec in specs.items():
-                await conn.execute(
+                conn.execute(
                     "INSERT INTO apps (id, origin, spec, created_at, updated_at) VALUES (?, 'config', ?, ?, ?)"
                     " ON CONFLICT (id) DO UPDATE SET origin = 'config', spec = excluded.spec,"
                     " updated_at = excluded.updated_at",
                     (app_id, json.dumps(spec), now, now),
                 )
+
+        return await self._write(tx)
 
     # -- jobs ----------------------------------------------------------------------------------
 
@@ -677,14 +701,14 @@ class Database:
             f"UPDATE jobs SET state = ?, updated_at = ?{', ' + assignments if assignments else ''}"
             f" WHERE id = ? AND state IN ({','.join('?' * len(from_states))})"
         )
-        async with self.transaction() as conn:
-            cur = await conn.execute(sql, (to_state, now, *fields.values(), job_id, *from_states))
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(sql, (to_state, now, *fields.values(), job_id, *from_states))
             if cur.rowcount == 0:
                 return False
-            async with conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)) as c:
-                row = await c.fetchone()
+            row = conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
             assert row is not None
-            await self._event(
+            self._event(
                 conn,
                 f"job.{to_state}",
                 message or f"job {job_id} {to_state}",
@@ -694,6 +718,35 @@ class Database:
                 ts=now,
             )
             return True
+
+        return await self._write(tx)
+
+    async def claim_jobs(self, job_ids: Sequence[int], now: float) -> list[int]:
+        """Move scheduled jobs to launching in one transaction; the ids that were still scheduled."""
+
+        def tx(conn: sqlite3.Connection) -> list[int]:
+            claimed = []
+            for job_id in job_ids:
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'launching', updated_at = ?, launched_at = ?"
+                    " WHERE id = ? AND state = 'scheduled' RETURNING app_id, correlation_id",
+                    (now, now, job_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                claimed.append(job_id)
+                self._event(
+                    conn,
+                    "job.launching",
+                    f"job {job_id} launching",
+                    app_id=row["app_id"],
+                    job_id=job_id,
+                    correlation_id=row["correlation_id"],
+                    ts=now,
+                )
+            return claimed
+
+        return await self._write(tx)
 
     async def complete_job(
         self,
@@ -706,8 +759,9 @@ class Database:
         now: float,
     ) -> bool:
         """Record a job's results and their deliveries and mark it succeeded, atomically."""
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(
                 "UPDATE jobs SET state = 'succeeded', updated_at = ?, finished_at = ?, result_data = ?,"
                 " log_key = ?, result_count = ?, error = NULL WHERE id = ? AND state = 'collecting'",
                 (now, now, json.dumps(result_data) if result_data is not None else None, log_key, len(results), job_id),
@@ -715,7 +769,7 @@ class Database:
             if cur.rowcount == 0:
                 return False
             for result in results:
-                cur = await conn.execute(
+                cur = conn.execute(
                     "INSERT INTO results (job_id, path, storage_key, size, media_type, sop_instance_uid,"
                     " sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, created_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (job_id, path) DO UPDATE SET"
@@ -734,19 +788,18 @@ class Database:
                         now,
                     ),
                 )
-                row = await cur.fetchone()
+                row = cur.fetchone()
                 assert row is not None
                 result_id = int(row[0])
                 for sink_id in sink_ids:
-                    await conn.execute(
+                    conn.execute(
                         "INSERT OR IGNORE INTO deliveries (result_id, job_id, sink_id, state, next_attempt_at,"
                         " created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
                         (result_id, job_id, sink_id, now, now, now),
                     )
-            async with conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)) as c:
-                job = await c.fetchone()
+            job = conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
             assert job is not None
-            await self._event(
+            self._event(
                 conn,
                 "job.succeeded",
                 f"job {job_id} succeeded with {len(results)} results",
@@ -756,6 +809,8 @@ class Database:
                 ts=now,
             )
             return True
+
+        return await self._write(tx)
 
     async def retry_job(self, job_id: int, now: float) -> bool:
         """Schedule a failed or cancelled job again, with a fresh attempt count."""
@@ -839,8 +894,9 @@ class Database:
         count_attempt: bool = True,
     ) -> bool:
         """Record the outcome of one delivery attempt (only for a pending delivery)."""
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + ?, last_error = ?, updated_at = ?,"
                 " next_attempt_at = COALESCE(?, next_attempt_at),"
                 " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
@@ -848,14 +904,13 @@ class Database:
                 (state, 1 if count_attempt else 0, error, now, next_attempt_at, state, now, delivery_id),
             )
             if cur.rowcount and state != "pending":
-                async with conn.execute(
+                row = conn.execute(
                     "SELECT d.sink_id, d.job_id, j.app_id, j.correlation_id FROM deliveries d"
                     " JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
                     (delivery_id,),
-                ) as c:
-                    row = await c.fetchone()
+                ).fetchone()
                 assert row is not None
-                await self._event(
+                self._event(
                     conn,
                     f"delivery.{state}",
                     f"delivery {delivery_id} to {row['sink_id']} {state}" + (f": {error}" if error else ""),
@@ -866,29 +921,34 @@ class Database:
                 )
             return cur.rowcount > 0
 
+        return await self._write(tx)
+
     async def ack_result(self, result_id: int, sink_ids: Sequence[str], now: float) -> int:
         """Mark a pulled result delivered for the given pull sinks; returns how many deliveries."""
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(
                 "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
                 " attempts = attempts + 1 WHERE result_id = ? AND state = 'pending'"
                 f" AND sink_id IN ({','.join('?' * len(sink_ids))})",
                 (now, now, result_id, *sink_ids),
             )
             if cur.rowcount:
-                await self._event(
-                    conn, "delivery.delivered", f"result {result_id} acknowledged by its consumer", ts=now
-                )
+                self._event(conn, "delivery.delivered", f"result {result_id} acknowledged by its consumer", ts=now)
             return cur.rowcount
 
+        return await self._write(tx)
+
     async def retry_delivery(self, delivery_id: int, now: float) -> bool:
-        async with self.transaction() as conn:
-            cur = await conn.execute(
+        def tx(conn: sqlite3.Connection) -> Any:
+            cur = conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ?"
                 " WHERE id = ? AND state = 'failed'",
                 (now, now, delivery_id),
             )
             return cur.rowcount > 0
+
+        return await self._write(tx)
 
     async def get_delivery(self, delivery_id: int) -> dict[str, Any] | None:
         return await self.fetch_one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
@@ -903,8 +963,10 @@ class Database:
     # -- events ----------------------------------------------------------------------------------
 
     async def add_event(self, kind: str, message: str, **kwargs: Any) -> None:
-        async with self.transaction() as conn:
-            await self._event(conn, kind, message, **kwargs)
+        def tx(conn: sqlite3.Connection) -> Any:
+            self._event(conn, kind, message, **kwargs)
+
+        return await self._write(tx)
 
     # -- retention -------------------------------------------------------------------------------
 
@@ -922,10 +984,13 @@ class Database:
 
     async def forget_instances(self, instance_ids: Sequence[int], now: float) -> None:
         marks = ",".join("?" * len(instance_ids))
-        async with self.transaction() as conn:
-            await conn.execute(f"DELETE FROM bucket_instances WHERE instance_id IN ({marks})", tuple(instance_ids))
-            await conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", tuple(instance_ids))
-            await self._event(conn, "retention.instances", f"{len(instance_ids)} instances deleted", ts=now)
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(f"DELETE FROM bucket_instances WHERE instance_id IN ({marks})", tuple(instance_ids))
+            conn.execute(f"DELETE FROM instances WHERE id IN ({marks})", tuple(instance_ids))
+            self._event(conn, "retention.instances", f"{len(instance_ids)} instances deleted", ts=now)
+
+        return await self._write(tx)
 
     async def purgeable_results(self, cutoff: float, only_delivered: bool, limit: int) -> list[dict[str, Any]]:
         """Results produced before ``cutoff`` with no delivery still to make."""
@@ -939,9 +1004,12 @@ class Database:
 
     async def mark_results_purged(self, result_ids: Sequence[int], now: float) -> None:
         marks = ",".join("?" * len(result_ids))
-        async with self.transaction() as conn:
-            await conn.execute(f"UPDATE results SET purged_at = ? WHERE id IN ({marks})", (now, *result_ids))
-            await self._event(conn, "retention.results", f"{len(result_ids)} results deleted", ts=now)
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(f"UPDATE results SET purged_at = ? WHERE id IN ({marks})", (now, *result_ids))
+            self._event(conn, "retention.results", f"{len(result_ids)} results deleted", ts=now)
+
+        return await self._write(tx)
 
     async def last_event_id(self) -> int:
         row = await self.fetch_one("SELECT COALESCE(MAX(id), 0) AS id FROM events")

@@ -75,21 +75,41 @@ def instance_key(headers: InstanceHeaders) -> str:
     return key("instances", headers.study_instance_uid, headers.series_instance_uid, f"{headers.sop_instance_uid}.dcm")
 
 
-def _inspect(path: Path) -> tuple[InstanceHeaders, int, str]:
-    headers = read_headers(path)
+@dataclass
+class Received:
+    """A complete instance in the staging folder, hashed, with its headers (or why it is invalid)."""
+
+    path: Path
+    size: int
+    sha256: str
+    headers: InstanceHeaders | None
+    error: InvalidDicom | None = None
+
+
+def _parse(source: Path | bytes) -> tuple[InstanceHeaders | None, InvalidDicom | None]:
+    try:
+        return read_headers(source), None
+    except InvalidDicom as exc:
+        return None, exc
+
+
+def inspect_file(path: Path) -> Received:
+    """Hash and parse a staged file (for instances that arrived as files, e.g. over DICOM)."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
-    return headers, size, digest.hexdigest()
+    headers, error = _parse(path)
+    return Received(path, size, digest.hexdigest(), headers, error)
 
 
 class Spool:
     """Receives one instance's bytes: in memory while small, spilled to a staging file when large.
 
-    ``finish`` always leaves a complete file in the staging folder; the caller owns it then.
+    ``finish`` leaves a complete file in the staging folder and, in the same trip to a worker
+    thread, hashes it and parses its headers (from memory when it was not spilled).
     """
 
     def __init__(self, staging_dir: Path, max_size: int) -> None:
@@ -98,6 +118,7 @@ class Spool:
         self.size = 0
         self._buffer = bytearray()
         self._file: Any = None
+        self._digest = hashlib.sha256()
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -107,27 +128,27 @@ class Spool:
         if len(self._buffer) >= SPILL_THRESHOLD:
             await self._flush()
 
+    def _write_out(self, data: bytes) -> None:
+        if self._file is None:
+            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+        self._file.write(data)
+        self._digest.update(data)
+
     async def _flush(self) -> None:
         data, self._buffer = bytes(self._buffer), bytearray()
+        await asyncio.to_thread(self._write_out, data)
 
-        def write() -> None:
-            if self._file is None:
-                self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
-            self._file.write(data)
-
-        await asyncio.to_thread(write)
-
-    async def finish(self) -> Path:
+    async def finish(self) -> Received:
+        spilled = self._file is not None
         data, self._buffer = bytes(self._buffer), bytearray()
 
-        def close() -> None:
-            if self._file is None:
-                self._file = open(self.path, "wb")  # noqa: SIM115
-            self._file.write(data)
+        def close() -> Received:
+            self._write_out(data)
             self._file.close()
+            headers, error = _parse(self.path if spilled else data)
+            return Received(self.path, self.size, self._digest.hexdigest(), headers, error)
 
-        await asyncio.to_thread(close)
-        return self.path
+        return await asyncio.to_thread(close)
 
     async def discard(self) -> None:
         def remove() -> None:
@@ -144,8 +165,9 @@ class Committer:
     Each submitter gets its own outcome once the transaction holding its row has committed.
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, storage: Storage) -> None:
         self._db = db
+        self._storage = storage
         self._queue: asyncio.Queue[tuple[NewInstance, asyncio.Future[RecordOutcome]]] = asyncio.Queue()
 
     async def submit(self, item: NewInstance) -> RecordOutcome:
@@ -162,7 +184,10 @@ class Committer:
             if not pending:
                 continue
             try:
-                outcomes = await self._db.record_instances([item for item, _ in pending], time.time())
+                items = [item for item, _ in pending]
+                # The stored files' names become durable together, before their rows are committed.
+                await self._storage.sync([item.storage_key for item in items if item.stored])
+                outcomes = await self._db.record_instances(items, time.time())
             except asyncio.CancelledError:
                 for _, fut in pending:
                     if not fut.done():
@@ -198,7 +223,7 @@ class Ingestor:
         self.apps = apps
         self.staging_dir = staging_dir
         self.max_instance_size = max_instance_size
-        self.committer = Committer(db)
+        self.committer = Committer(db, storage)
         self._on_buckets = on_buckets
         self._metrics = metrics
         self._known_aets = known_aets
@@ -222,7 +247,7 @@ class Ingestor:
             if app_id not in self.apps:
                 raise NotFound(f"no application {app_id!r}", "the app parameter names an unknown application")
 
-    async def ingest_file(self, staged: Path, origin: Origin) -> Outcome:
+    async def ingest_file(self, staged: Path | Received, origin: Origin) -> Outcome:
         """Ingest a complete file from the staging folder; the file is consumed either way."""
         outcome = await self._ingest_counted(staged, origin)
         called = origin.called_aet if origin.called_aet in self._known_aets() else "other"
@@ -231,7 +256,7 @@ class Ingestor:
             self._metrics.rejections.labels(origin.source, outcome.reason or outcome.status).inc()
         return outcome
 
-    async def _ingest_counted(self, staged: Path, origin: Origin) -> Outcome:
+    async def _ingest_counted(self, staged: Path | Received, origin: Origin) -> Outcome:
         try:
             return await self._ingest(staged, origin)
         except MwmError as exc:
@@ -251,17 +276,26 @@ class Ingestor:
                 dicom_status=exc.dicom_status,
             )
         finally:
-            await asyncio.to_thread(staged.unlink, True)
+            path = staged.path if isinstance(staged, Received) else staged
+            await asyncio.to_thread(path.unlink, True)
 
-    async def _ingest(self, staged: Path, origin: Origin) -> Outcome:
+    async def _ingest(self, staged: Path | Received, origin: Origin) -> Outcome:
         if not self.accepting:
             raise ShuttingDown("mwm is stopping and accepts no new instances")
         if self.pressure is not None:
             raise StorageFull("disk pressure: new instances are refused", self.pressure)
-        try:
-            headers, size, sha256 = await asyncio.to_thread(_inspect, staged)
-        except OSError as exc:
-            raise StorageError("cannot read the received instance", str(exc)) from exc
+        if isinstance(staged, Received):
+            received = staged
+        else:
+            try:
+                received = await asyncio.to_thread(inspect_file, staged)
+            except OSError as exc:
+                raise StorageError("cannot read the received instance", str(exc)) from exc
+        if received.error is not None:
+            raise received.error
+        assert received.headers is not None
+        headers, size, sha256 = received.headers, received.size, received.sha256
+        staged = received.path
         faults.point("ingest.parsed")
         uid = headers.sop_instance_uid
         lock = self._in_flight.setdefault(uid, asyncio.Lock())
@@ -278,7 +312,7 @@ class Ingestor:
         storage_key = instance_key(headers)
         known = await self.db.instance_exists(headers.sop_instance_uid)
         if not known:
-            await self.storage.put_file(storage_key, staged, move=True)
+            await self.storage.put_staged(storage_key, staged)
             faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(
@@ -298,6 +332,7 @@ class Ingestor:
                 peer_address=origin.peer_address,
                 correlation_id=correlation_id,
                 storage_key=storage_key,
+                stored=not known,
                 size=size,
                 sha256=sha256,
                 targets=targets,

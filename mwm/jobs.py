@@ -195,34 +195,47 @@ class JobService:
     async def _schedule_loop(self) -> None:
         while True:
             self._wake_scheduler.clear()
-            now = time.time()
-            limit = self.settings.jobs.max_parallel
-            if len(self._runners) < limit:
-                for job in await self.db.due_jobs(now, limit=200):
-                    if len(self._runners) >= limit:
-                        break
-                    if int(job["id"]) in self._runners:
-                        continue
-                    app_id = job["app_id"]
-                    if app_id not in self.apps:
-                        await self.db.transition_job(
-                            job["id"],
-                            ("scheduled",),
-                            "failed",
-                            now=now,
-                            finished_at=now,
-                            error=f"application {app_id!r} no longer exists",
-                        )
-                        continue
-                    if self._active_apps[app_id] >= self.apps.get(app_id).max_parallel:
-                        continue
-                    if await self.db.transition_job(job["id"], ("scheduled",), "launching", now=now, launched_at=now):
-                        job["state"] = "launching"
-                        self._start_runner(job, resume=False)
+            await self._schedule_due()
             next_time = await self.db.next_job_time()
             timeout = None if next_time is None else max(0.05, next_time - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_scheduler.wait(), timeout)
+
+    async def _schedule_due(self) -> None:
+        """Claim every due job the limits allow, in one transaction, and start their runners."""
+        limit = self.settings.jobs.max_parallel
+        free = limit - len(self._runners)
+        if free <= 0:
+            return
+        now = time.time()
+        chosen: list[dict[str, Any]] = []
+        planned: Counter[str] = Counter()
+        for job in await self.db.due_jobs(now, limit=max(200, free)):
+            if len(chosen) >= free:
+                break
+            app_id = job["app_id"]
+            if int(job["id"]) in self._runners:
+                continue
+            if app_id not in self.apps:
+                await self.db.transition_job(
+                    job["id"],
+                    ("scheduled",),
+                    "failed",
+                    now=now,
+                    finished_at=now,
+                    error=f"application {app_id!r} no longer exists",
+                )
+                continue
+            if self._active_apps[app_id] + planned[app_id] >= self.apps.get(app_id).max_parallel:
+                continue
+            planned[app_id] += 1
+            chosen.append(job)
+        if not chosen:
+            return
+        claimed = set(await self.db.claim_jobs([int(j["id"]) for j in chosen], time.time()))
+        for job in chosen:
+            if int(job["id"]) in claimed:
+                self._start_runner({**job, "state": "launching"}, resume=False)
 
     # -- one job -----------------------------------------------------------------------------
 

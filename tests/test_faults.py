@@ -58,15 +58,15 @@ async def test_a_storage_write_error_refuses_the_instance_and_records_nothing(
 ):
     service = await make_service(base_config(tmp_path, apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}]))
     client = await client_for(service)
-    original = service.storage.put_file
+    original = service.storage.put_staged
     failing = True
 
-    async def flaky(key, source, *, move=False):
+    async def flaky(key, source):
         if failing:
             raise StorageError("storage write failed", "EIO: input/output error")
-        return await original(key, source, move=move)
+        return await original(key, source)
 
-    monkeypatch.setattr(service.storage, "put_file", flaky)
+    monkeypatch.setattr(service.storage, "put_staged", flaky)
     status, answer = await post_raw(client, small_study.paths[0].read_bytes())
     assert status == 507 and answer["failed"] == 1 and answer["instances"][0]["reason"] == "storage write failed"
     assert (await client.get("/v1/instances"))["instances"] == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -72,6 +72,17 @@ class Storage(ABC):
     @abstractmethod
     async def put_file(self, key: str, source: Path, *, move: bool = False) -> None:
         """Store the local file ``source`` under ``key``; with ``move`` the source may be consumed."""
+
+    async def put_staged(self, key: str, source: Path) -> None:
+        """Move a received file into place under ``key``; durable once ``sync`` has returned.
+
+        Lets a caller that stores many objects at once (ingest's group commit) make their names
+        durable together. The default is ``put_file(move=True)``, durable on return.
+        """
+        await self.put_file(key, source, move=True)
+
+    async def sync(self, keys: Sequence[str]) -> None:
+        """Make the objects stored with ``put_staged`` under ``keys`` durable (default: nothing to do)."""
 
     @abstractmethod
     async def put_bytes(self, key: str, data: bytes) -> None:

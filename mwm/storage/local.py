@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,14 @@ def _raise_os_error(exc: OSError, what: str) -> None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StorageFull("storage is full", f"{what}: {exc.strerror}") from exc
     raise StorageError("storage write failed", f"{what}: {exc.strerror or exc}") from exc
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # the data and the size; the name is made durable by flushing the folder
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -93,27 +101,54 @@ class LocalStorage(Storage):
 
     def _put_file(self, key: str, source: Path, move: bool) -> None:
         target = self.path_of(key)
+        if move and self._move(source, target):
+            return
         temp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
-            if move:
-                try:
-                    os.link(source, temp)
-                except OSError:
-                    shutil.copyfile(source, temp)
-                else:
-                    source.unlink()
-            else:
-                shutil.copyfile(source, temp)
+            shutil.copyfile(source, temp)
             if self.fsync:
-                fd = os.open(temp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync_path(temp)
             self._commit(temp, target)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             _raise_os_error(exc, key)
+        if move:
+            source.unlink(missing_ok=True)
+
+    def _move(self, source: Path, target: Path, sync_name: bool = True) -> bool:
+        """Rename a file already on this file system into place (flushed first); False if it is not."""
+        try:
+            if self.fsync:
+                _fsync_path(source)
+            self._ensure_parent(target)
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return False
+            _raise_os_error(exc, str(target.relative_to(self.root)))
+        if self.fsync and sync_name:
+            fsync_dir(target.parent)
+        return True
+
+    async def put_staged(self, key: str, source: Path) -> None:
+        target = self.path_of(key)
+        if not await asyncio.to_thread(self._move, source, target, False):
+            await self.put_file(key, source, move=True)
+
+    async def sync(self, keys: Sequence[str]) -> None:
+        """One directory flush per folder for a whole batch of ``put_staged`` files."""
+        if not self.fsync or not keys:
+            return
+        folders = sorted({self.path_of(key).parent for key in keys})
+
+        def flush() -> None:
+            for folder in folders:
+                fsync_dir(folder)
+
+        try:
+            await asyncio.to_thread(flush)
+        except OSError as exc:
+            _raise_os_error(exc, "flushing folders")
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         target = self.path_of(key)
