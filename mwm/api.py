@@ -32,6 +32,7 @@ PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
 CHUNK = 1 << 20
 PARALLEL_PARTS = 4
 KEEPALIVE_SECONDS = 15.0
+MAX_ID = 2**62  # ids are SQLite integers
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,9 +121,12 @@ def int_param(request: web.Request, name: str, default: int, *, low: int = 0, hi
 def path_id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
-        raise NotFound(f"no such {name}: {raw!r}") from None
+        raise NotFound(f"no such {name}: {raw[:40]!r}") from None
+    if not 0 <= value < MAX_ID:
+        raise NotFound(f"no such {name}: {raw[:40]!r}")
+    return value
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

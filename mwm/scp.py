@@ -1,12 +1,11 @@
 """The DICOM SCP: C-ECHO and C-STORE into the one ingest path.
 
-pynetdicom runs the associations on its own threads. The C-STORE handler only moves the received
-bytes into the staging folder and hands them to the event loop
-(``Ingestor.ingest_file``); it waits for the commit and answers with the outcome's DICOM status.
-The data set is never decoded: pynetdicom writes the encoded data set, exactly as it arrived,
-behind a file meta header that names the transfer syntax negotiated for its presentation
-context (``STORE_RECV_CHUNKED_DATASET``), so memory stays bounded by one PDU per association
-whatever the instance's size.
+pynetdicom runs each association on its own threads. The C-STORE handler only hands the
+received file to the event loop (``Ingestor.ingest_file``), waits for the commit and answers
+with the outcome's DICOM status. The data set is never decoded: as its fragments arrive they are
+written to ``<staging>/<random>.dcm`` behind a preamble and a File Meta Information naming the
+transfer syntax negotiated for the presentation context, so the file holds exactly the bytes
+that were sent, and memory stays bounded by one PDU per association whatever the size.
 
 Statuses sent back (PS3.4 B.2.3, PS3.7 C):
 
@@ -22,18 +21,19 @@ Associations are refused at negotiation with the standard reasons: an unknown ca
 (rejected permanent, service user, "called AE title not recognised"), an unknown calling AE
 title or a known one from another address when ``dicom.sources`` are enforced ("calling AE
 title not recognised"), and more than ``dicom.max_associations`` at once (rejected transient,
-service provider, "local limit exceeded").
+service provider, "local limit exceeded"). Where a sender proposes several transfer syntaxes in
+one presentation context, its own order of preference wins, so nothing is converted for mwm.
 
-Speed: out of the box pynetdicom polls. Its DUL thread sleeps 1 ms whenever the socket has no
-data, and the association thread sleeps 1 ms on every turn before it looks for a message, so
-each C-STORE waits about 2 ms for nothing and a single association tops out around
-300 instances/s whatever the machine. ``_PromptAssociation`` keeps pynetdicom's state machine
-and replaces only the waiting: the DUL thread blocks in ``select`` on the socket and on a
-wake-up socket pair that is signalled when a primitive is queued for it, and the association
-thread blocks on its DIMSE message queue, which pynetdicom already feeds on every message and
-abort (a release request now wakes it too). PDUs are read with ``recv_into`` into one buffer
-instead of 4 KiB at a time. These classes rely on pynetdicom 3.0 internals; with another
-version the stock (polling) classes are used and a warning is logged.
+Speed. Out of the box pynetdicom polls: its DUL thread sleeps 1 ms whenever the socket has no
+data and its association thread sleeps 1 ms on every turn, so each C-STORE waits about 2 ms
+for nothing; and it builds the file meta and the C-STORE response through pydicom data sets
+(about 0.9 ms of CPU per instance, under the GIL). ``_PromptAssociation`` keeps pynetdicom's
+state machine and replaces only that: the DUL thread blocks in ``select`` on the socket and on
+a wake-up socket pair signalled when a primitive is queued for it; the association thread
+blocks on its DIMSE message queue, which pynetdicom feeds on every message and abort (and now
+on a release request); PDUs are read whole with ``MSG_WAITALL``; the file meta and the plain
+C-STORE response are encoded directly. These classes rely on pynetdicom 3.0 internals; with
+another version the stock classes are used (slower) and a warning is logged.
 """
 
 from __future__ import annotations
@@ -287,7 +287,6 @@ class _PromptSocket(AssociationSocket):
 
     def __init__(self, assoc: Association, client_socket: socket.socket, wake: _WakeUp) -> None:
         self._wake = wake
-        self._buffer = bytearray()
         super().__init__(assoc, client_socket=client_socket)
 
     @property
@@ -359,6 +358,7 @@ class _StagedDataSet(io.BytesIO):
         self.path: Path | None = None
         self.size = 0
         self.error: str | None = None
+        self.error_status = STATUS_OUT_OF_RESOURCES
 
     def _start(self) -> None:
         self._started = True
@@ -382,6 +382,7 @@ class _StagedDataSet(io.BytesIO):
             )
         except (UnicodeEncodeError, AttributeError, struct.error):
             self.error = "the C-STORE request has unusable SOP Class or Instance UIDs"
+            self.error_status = STATUS_CANNOT_UNDERSTAND
             return
         try:
             self._file = open(self.path, "wb", buffering=_STAGING_BUFFER)  # noqa: SIM115 - closed in finish/discard
@@ -461,9 +462,12 @@ class _Server(ThreadedAssociationServer):
     does it in the accept loop, where one client that never finishes it stops every other.
     """
 
-    def __init__(self, *args: Any, staging: _Staging, handshake_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, staging: _Staging, handshake_timeout: float, io_timeout: float, **kwargs: Any
+    ) -> None:
         self.staging = staging
         self.handshake_timeout = handshake_timeout
+        self.io_timeout = io_timeout
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -471,6 +475,14 @@ class _Server(ThreadedAssociationServer):
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small responses go out at once
         client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if self.io_timeout > 0:
+            # pynetdicom reads a PDU with blocking calls once its first bytes are there: bound
+            # them, so a peer that goes quiet in the middle of one cannot hold its threads forever.
+            seconds, fraction = divmod(self.io_timeout, 1.0)
+            timeval = struct.pack("ll", int(seconds), int(fraction * 1e6))
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         if self.ssl_context is not None:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -550,11 +562,6 @@ class _PromptAssociation(Association):
                 return
             if self.dul.idle_timer_expired():
                 log.warning("DICOM association from %s: network timeout, aborting", self.requestor.ae_title)
-                # A peer gone quiet in the middle of a PDU leaves the DUL thread blocked in recv.
-                raw = getattr(self.dul.socket, "socket", None)
-                if raw is not None:
-                    with contextlib.suppress(OSError):
-                        raw.shutdown(socket.SHUT_RDWR)
                 self.abort()
                 self.kill()
                 return
@@ -770,6 +777,7 @@ class DicomServer:
                 request_handler=_PromptRequestHandler if _PROMPT else _RequestHandler,
                 staging=staging,
                 handshake_timeout=float(dicom.acse_timeout),
+                io_timeout=float(dicom.network_timeout),
             )
         except OSError as exc:
             raise ConfigError(
@@ -790,7 +798,8 @@ class DicomServer:
         if server is None:
             return
         self._server = None
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         await asyncio.to_thread(server.shutdown)  # no new connections from here on
         deadline = time.monotonic() + float(self.settings.server.shutdown_timeout)
         while self._in_flight and time.monotonic() < deadline:
@@ -880,35 +889,34 @@ class DicomServer:
             refusal = self._refusal(event, received)
             if refusal is not None:
                 return refusal
-            assoc = event.assoc
-            origin = Origin(
-                source="dicom",
-                calling_aet=str(assoc.requestor.ae_title).strip(),
-                called_aet=_called_aet(assoc),
-                peer_address=str(assoc.requestor.address),
-            )
-            try:
-                staged = self._stage(event, received)
-            except OSError as exc:
-                log.error("C-STORE from %s: cannot stage the received instance: %s", origin.calling_aet, exc)
-                return self._status(STATUS_OUT_OF_RESOURCES, "cannot write the received instance")
-            received = None  # ingest_file consumes the staged file whatever happens
-            with self._lock:
+            with self._lock:  # one lock with stop(): it waits for every C-STORE counted here
+                if self._stopping:
+                    return self._status(STATUS_OUT_OF_RESOURCES, "mwm is stopping; send again later")
                 self._in_flight += 1
             try:
-                outcome = self._ingest(staged, origin)
+                assoc = event.assoc
+                origin = Origin(
+                    source="dicom",
+                    calling_aet=str(assoc.requestor.ae_title).strip(),
+                    called_aet=_called_aet(assoc),
+                    peer_address=str(assoc.requestor.address),
+                )
+                try:
+                    staged = self._stage(event, received)
+                except OSError as exc:
+                    log.error("C-STORE from %s: cannot stage the received instance: %s", origin.calling_aet, exc)
+                    return self._status(STATUS_OUT_OF_RESOURCES, "cannot write the received instance")
+                received = None  # ingest_file consumes the staged file whatever happens
+                return self._answer(self._ingest(staged, origin))
             finally:
                 with self._lock:
                     self._in_flight -= 1
-            return self._answer(outcome)
         finally:
             if received is not None:
                 received.discard()
 
     def _refusal(self, event: evt.Event, received: _StagedDataSet | None) -> Dataset | None:
         """The failure status of a C-STORE refused before ingest, if it is."""
-        if self._stopping:
-            return self._status(STATUS_OUT_OF_RESOURCES, "mwm is stopping; send again later")
         called = _called_aet(event.assoc)
         sop_class = str(cast(C_STORE, event.request).AffectedSOPClassUID)
         rules = self._sop_rules.get(called)
@@ -917,7 +925,7 @@ class DicomServer:
             return self._status(STATUS_SOP_CLASS_REFUSED, f"SOP class not accepted by {called}")
         if received is not None and received.error is not None:
             log.warning("C-STORE to %s not stored: %s", called, received.error)
-            return self._status(STATUS_OUT_OF_RESOURCES, received.error)
+            return self._status(received.error_status, received.error)
         return None
 
     def _stage(self, event: evt.Event, received: _StagedDataSet | None) -> Path:

@@ -10,6 +10,7 @@ import os
 import ssl
 import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .storage import Storage
 
 log = logging.getLogger(__name__)
 DISK_CHECK_INTERVAL = 1.0
+IO_THREADS = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -150,6 +152,11 @@ class Service:
 
     async def _run(self) -> None:
         settings = self.settings
+        # Blocking work (file writes and flushes, parsing) runs in threads; flushes of different
+        # files overlap in the file system's journal, so more of them at once costs little.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mwm-io")
+        )
         async with contextlib.AsyncExitStack() as stack:
             tokens = {t.token: t.role for t in read_tokens(settings.server)}
             self._check_listen_policy(tokens)

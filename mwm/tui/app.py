@@ -107,6 +107,7 @@ class MwmApp(App[int]):
         self.role: Role | None = None
         self.link = LinkStatus("connecting")
         self.last_event: dict[str, Any] | None = None
+        self._shown_link: tuple[Text, str] | None = None
         self.updates_applied = 0
         #: (topics that changed, seconds it took to show them), most recent last.
         self.apply_times: deque[tuple[frozenset[str], float]] = deque(maxlen=2000)
@@ -223,17 +224,20 @@ class MwmApp(App[int]):
             top.append("  read-only", style="bold " + theme_colour(self, "text-warning"))
         if self.last_event and status.state != "down":
             top.append("  · " + clip(str(self.last_event.get("message") or ""), 80), style="dim")
-        self.query_one(TopBar).update(top)
-        banner = self.query_one(Banner)
+        banner_text = ""
         if status.state == "down":
             what = "refused the token" if status.unauthorized else "unreachable"
-            text = f"mwm at {self.display_url} {what} — {retry_text(status.retry_at, self.now())}"
+            banner_text = f"mwm at {self.display_url} {what} — {retry_text(status.retry_at, self.now())}"
             if status.error:
-                text += f"  ({clip(status.error, 80)})"
-            banner.update(text)
-            banner.add_class("-shown")
-        else:
-            banner.remove_class("-shown")
+                banner_text += f"  ({clip(status.error, 80)})"
+        if (top, banner_text) == self._shown_link:
+            return  # repaint only what changed
+        self._shown_link = (top, banner_text)
+        self.query_one(TopBar).update(top)
+        banner = self.query_one(Banner)
+        if banner_text:
+            banner.update(banner_text)
+        banner.set_class(bool(banner_text), "-shown")
 
     # -- actions ------------------------------------------------------------------------------
 
