@@ -541,49 +541,89 @@ class Database:
         where, params = _filters(state=state, app_id=app_id)
         return await self.fetch_all(f"SELECT * FROM buckets {where} ORDER BY id DESC LIMIT ?", (*params, limit))
 
+    def _close_bucket(
+        self,
+        conn: sqlite3.Connection,
+        bucket_id: int,
+        reason: str,
+        job_settings: Callable[[str], tuple[str, int]],
+        now: float,
+        due_only: bool,
+    ) -> tuple[int | None, float | None]:
+        """Close one bucket and insert its job: (job id, None), or (None, its deadline if still open)."""
+        bucket = conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)).fetchone()
+        if bucket is None or bucket["state"] != "open":
+            return None, None
+        if due_only and bucket["deadline"] > now:
+            return None, float(bucket["deadline"])  # pushed back by a later arrival
+        conn.execute(
+            "UPDATE buckets SET state = 'closed', closed_at = ?, close_reason = ? WHERE id = ?",
+            (now, reason, bucket_id),
+        )
+        engine, max_attempts = job_settings(bucket["app_id"])
+        cur = conn.execute(
+            "INSERT INTO jobs (bucket_id, app_id, engine, state, max_attempts, correlation_id,"
+            " study_instance_uid, patient_id, instance_count, not_before, created_at, updated_at)"
+            " VALUES (?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                bucket_id,
+                bucket["app_id"],
+                engine,
+                max_attempts,
+                bucket["correlation_id"],
+                bucket["study_instance_uid"],
+                bucket["patient_id"],
+                bucket["instance_count"],
+                now,
+                now,
+                now,
+            ),
+        )
+        job_id = cur.lastrowid
+        assert job_id is not None
+        self._event(
+            conn,
+            "job.scheduled",
+            f"bucket {bucket_id} closed ({reason}) with {bucket['instance_count']} instances: job {job_id}",
+            app_id=bucket["app_id"],
+            bucket_id=bucket_id,
+            job_id=job_id,
+            correlation_id=bucket["correlation_id"],
+            ts=now,
+        )
+        return job_id, None
+
     async def close_bucket(
-        self, bucket_id: int, reason: str, *, engine: str, max_attempts: int, now: float
+        self, bucket_id: int, reason: str, *, job_settings: Callable[[str], tuple[str, int]], now: float
     ) -> int | None:
         """Close an open bucket and schedule its job; ``None`` when it was not open."""
+        job_id, _ = await self._write(
+            lambda conn: self._close_bucket(conn, bucket_id, reason, job_settings, now, False)
+        )
+        return job_id
 
-        def tx(conn: sqlite3.Connection) -> Any:
-            cur = conn.execute(
-                "UPDATE buckets SET state = 'closed', closed_at = ?, close_reason = ? WHERE id = ? AND state = 'open'",
-                (now, reason, bucket_id),
-            )
-            if cur.rowcount == 0:
-                return None
-            bucket = dict(conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)).fetchone())  # type: ignore[arg-type]
-            cur = conn.execute(
-                "INSERT INTO jobs (bucket_id, app_id, engine, state, max_attempts, correlation_id,"
-                " study_instance_uid, patient_id, instance_count, not_before, created_at, updated_at)"
-                " VALUES (?, ?, ?, 'scheduled', ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    bucket_id,
-                    bucket["app_id"],
-                    engine,
-                    max_attempts,
-                    bucket["correlation_id"],
-                    bucket["study_instance_uid"],
-                    bucket["patient_id"],
-                    bucket["instance_count"],
-                    now,
-                    now,
-                    now,
-                ),
-            )
-            job_id = cur.lastrowid
-            self._event(
-                conn,
-                "job.scheduled",
-                f"bucket {bucket_id} closed ({reason}) with {bucket['instance_count']} instances: job {job_id}",
-                app_id=bucket["app_id"],
-                bucket_id=bucket_id,
-                job_id=job_id,
-                correlation_id=bucket["correlation_id"],
-                ts=now,
-            )
-            return job_id
+    async def close_due_buckets(
+        self, bucket_ids: Sequence[int], *, job_settings: Callable[[str], tuple[str, int]], now: float
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+        """Close every bucket whose deadline has passed, in one transaction.
+
+        Returns the jobs created (id, bucket_id, app_id, correlation_id) and the (bucket, deadline)
+        pairs pushed back meanwhile by later arrivals.
+        """
+
+        def tx(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
+            closed: list[dict[str, Any]] = []
+            later: list[tuple[int, float]] = []
+            for bucket_id in bucket_ids:
+                job_id, deadline = self._close_bucket(conn, bucket_id, "deadline", job_settings, now, True)
+                if job_id is not None:
+                    row = conn.execute(
+                        "SELECT id, bucket_id, app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)
+                    ).fetchone()
+                    closed.append(dict(row))
+                elif deadline is not None:
+                    later.append((bucket_id, deadline))
+            return closed, later
 
         return await self._write(tx)
 

@@ -44,7 +44,7 @@ class DeadlineTimer:
     a new arrival costs one heap push.
     """
 
-    def __init__(self, on_due: Callable[[int, float], None]) -> None:
+    def __init__(self, on_due: Callable[[list[int]], None]) -> None:
         self._heap: list[tuple[float, int]] = []
         self._current: dict[int, float] = {}
         self._wake = asyncio.Event()
@@ -67,11 +67,14 @@ class DeadlineTimer:
     async def run(self) -> None:
         while True:
             now = time.time()
+            due = []
             while self._heap and self._heap[0][0] <= now:
                 deadline, bucket_id = heapq.heappop(self._heap)
                 if self._current.get(bucket_id) == deadline:
                     del self._current[bucket_id]
-                    self._on_due(bucket_id, deadline)
+                    due.append(bucket_id)
+            if due:
+                self._on_due(due)
             self._wake.clear()
             timeout = remaining(self._heap[0][0], now) if self._heap else None
             with contextlib.suppress(TimeoutError):
@@ -113,37 +116,48 @@ class JobService:
         for bucket in buckets:
             self.timer.set(int(bucket["id"]), float(bucket["deadline"]))
 
-    def _deadline_due(self, bucket_id: int, deadline: float) -> None:
+    def _deadline_due(self, bucket_ids: list[int]) -> None:
         assert self._tg is not None
-        self._tg.create_task(self._close_due(bucket_id))
+        self._tg.create_task(self._close_due(bucket_ids))
 
-    async def _close_due(self, bucket_id: int) -> None:
+    def _job_settings(self, app_id: str) -> tuple[str, int]:
+        engine = self.apps.get(app_id).engine if app_id in self.apps else "local"
+        return engine, self._max_attempts(app_id)
+
+    async def _close_due(self, bucket_ids: list[int]) -> None:
+        """Close the buckets whose deadline passed (one transaction for all that are due at once)."""
+        faults.point("bucket.closing")
         try:
-            await self.close_bucket(bucket_id, "deadline", only_if_due=True)
-        except NotFound:
-            pass
-        except MwmError as exc:
-            log.error("cannot close bucket %s: %s (%s); trying again shortly", bucket_id, exc.message, exc.detail)
+            closed, later = await self.db.close_due_buckets(
+                bucket_ids, job_settings=self._job_settings, now=time.time()
+            )
+        except Exception as exc:  # noqa: BLE001 - the deadlines stay armed whatever went wrong
+            log.error("cannot close %d buckets (%s); trying again in a second", len(bucket_ids), exc)
             await asyncio.sleep(1.0)
-            self.timer.set(bucket_id, time.time())
+            for bucket_id in bucket_ids:
+                self.timer.set(bucket_id, time.time())
+            return
+        faults.point("bucket.closed")
+        for bucket_id, deadline in later:
+            self.timer.set(bucket_id, deadline)
+        for job in closed:
+            log.info(
+                "bucket %s closed (deadline): job %s scheduled",
+                job["bucket_id"],
+                job["id"],
+                extra={"job_id": job["id"], "app_id": job["app_id"], "correlation_id": job["correlation_id"]},
+            )
+        if closed:
+            self._wake_scheduler.set()
 
-    async def close_bucket(self, bucket_id: int, reason: str, *, only_if_due: bool = False) -> int:
+    async def close_bucket(self, bucket_id: int, reason: str) -> int:
         """Close an open bucket now and schedule its job; returns the job id."""
         bucket = await self.db.get_bucket(bucket_id)
         if bucket is None:
             raise NotFound(f"no bucket {bucket_id}")
         if bucket["state"] != "open":
             raise Conflict(f"bucket {bucket_id} is already closed")
-        now = time.time()
-        if only_if_due and bucket["deadline"] > now:
-            self.timer.set(bucket_id, float(bucket["deadline"]))  # pushed back meanwhile
-            return -1
-        app_id = bucket["app_id"]
-        engine = self.apps.get(app_id).engine if app_id in self.apps else "local"
-        max_attempts = self._max_attempts(app_id)
-        faults.point("bucket.closing")
-        job_id = await self.db.close_bucket(bucket_id, reason, engine=engine, max_attempts=max_attempts, now=now)
-        faults.point("bucket.closed")
+        job_id = await self.db.close_bucket(bucket_id, reason, job_settings=self._job_settings, now=time.time())
         if job_id is None:
             raise Conflict(f"bucket {bucket_id} is already closed")
         self.timer.discard(bucket_id)
@@ -152,7 +166,7 @@ class JobService:
             bucket_id,
             reason,
             job_id,
-            extra={"app_id": app_id, "job_id": job_id, "correlation_id": bucket["correlation_id"]},
+            extra={"app_id": bucket["app_id"], "job_id": job_id, "correlation_id": bucket["correlation_id"]},
         )
         self._wake_scheduler.set()
         return job_id
@@ -320,7 +334,8 @@ class JobService:
             job = {**job, "state": "running", "engine_ref": ref, "started_at": now, "attempt": attempt}
             self.metrics.job_queue_delay.labels(job["app_id"]).observe(max(0.0, now - float(job["created_at"])))
             state = "running"
-        ctx = await self._context(job, attempt)
+        else:
+            ctx = await self._context(job, attempt)
         ref = job["engine_ref"]
         if state == "running":
             status = await self._watch(job, ctx, engine, ref)

@@ -22,6 +22,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.message import Message
+from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
 from ..client import Client, ClientError
@@ -133,11 +134,16 @@ class MwmApp(App[int]):
         yield Footer(show_command_palette=False)
 
     @property
+    def main_screen(self) -> Screen[Any]:
+        """The console's screen (``query_one`` on the app searches the screen on top, maybe a dialog)."""
+        return self.screen_stack[0]
+
+    @property
     def panes(self) -> list[Pane]:
-        return list(self.query(Pane))
+        return list(self.main_screen.query(Pane))
 
     def pane(self, tab: str) -> Pane:
-        return self.query_one(f"#{tab}-pane", Pane)
+        return self.main_screen.query_one(f"#{tab}-pane", Pane)
 
     def on_mount(self) -> None:
         self._show_link()
@@ -179,7 +185,7 @@ class MwmApp(App[int]):
         self._show_link()
         for pane in self.panes:
             pane.refresh_bindings()
-        for widget in self.query("DeliveryTable"):
+        for widget in self.main_screen.query("DeliveryTable"):
             widget.refresh_bindings()
 
     def on_event_seen(self, message: EventSeen) -> None:
@@ -193,7 +199,7 @@ class MwmApp(App[int]):
 
     def _tick(self) -> None:
         self._show_link()
-        active = self.query_one(TabbedContent).active
+        active = self.main_screen.query_one(TabbedContent).active
         if active:
             self.pane(active).tick()
 
@@ -206,7 +212,7 @@ class MwmApp(App[int]):
     # -- the top bar and the banner -----------------------------------------------------------
 
     def _show_link(self) -> None:
-        if not self.is_mounted:
+        if not self.is_mounted or not self.screen_stack or not self.main_screen.query(TopBar):
             return
         status = self.link
         top = Text(no_wrap=True, overflow="ellipsis")
@@ -233,8 +239,8 @@ class MwmApp(App[int]):
         if (top, banner_text) == self._shown_link:
             return  # repaint only what changed
         self._shown_link = (top, banner_text)
-        self.query_one(TopBar).update(top)
-        banner = self.query_one(Banner)
+        self.main_screen.query_one(TopBar).update(top)
+        banner = self.main_screen.query_one(Banner)
         if banner_text:
             banner.update(banner_text)
         banner.set_class(bool(banner_text), "-shown")
@@ -269,7 +275,7 @@ class MwmApp(App[int]):
             self.notify(done)
 
     def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        self.main_screen.query_one(TabbedContent).active = tab
         self._focus_pane(tab)
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
