@@ -11,11 +11,11 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from .db import DELIVERY_STATES, JOB_STATES
 from .errors import BadRequest, Forbidden, MwmError, NotFound, PayloadTooLarge, Unauthorized
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY = web.AppKey("service", Any)
+SERVICE_KEY: web.AppKey[Service] = web.AppKey("service")
 PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
 CHUNK = 1 << 20
 PARALLEL_PARTS = 4
@@ -35,6 +35,7 @@ KEEPALIVE_SECONDS = 15.0
 MAX_ID = 2**62  # ids are SQLite integers
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def iso(ts: float | None) -> str | None:
@@ -76,7 +77,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_json(500, "internal_error", "internal error; see the mwm log")
 
 
-def auth_middleware(tokens: dict[str, str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def auth_middleware(tokens: Mapping[str, str]) -> Middleware:
     """Bearer tokens with roles: ``read`` for GET, ``admin`` for everything that changes state."""
 
     @web.middleware
@@ -102,7 +103,7 @@ def auth_middleware(tokens: dict[str, str]) -> Callable[[web.Request, Handler], 
 
 
 def service_of(request: web.Request) -> Service:
-    return request.app[SERVICE_KEY]  # type: ignore[no-any-return]
+    return request.app[SERVICE_KEY]
 
 
 def int_param(request: web.Request, name: str, default: int, *, low: int = 0, high: int = 10_000) -> int:
@@ -392,7 +393,7 @@ async def _upload_multipart(request: web.Request, origin: Origin, limit: int) ->
                 raise BadRequest("malformed multipart body", str(exc)) from None
             if part is None:
                 break
-            if isinstance(part, type(reader)):
+            if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported")
             part_type = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip().lower()
             spool = service.ingestor.spool()
@@ -794,10 +795,10 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def build_application(service: Service, tokens: dict[str, str]) -> web.Application:
+def build_application(service: Service, tokens: Mapping[str, str]) -> web.Application:
     """The aiohttp application; ``tokens`` maps each bearer token to its role (empty: no auth)."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(tokens)],
+        middlewares=[error_middleware, auth_middleware(tokens)],  # type: ignore[list-item]
         client_max_size=1 << 20,
     )
     app[SERVICE_KEY] = service

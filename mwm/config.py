@@ -52,6 +52,11 @@ def _check_address(value: str, where: str) -> None:
         raise ConfigError(f"{where}: expected HOST:PORT such as '127.0.0.1:8080', got {value!r}")
 
 
+def _check_optional_address(value: str | None, where: str) -> None:
+    if value is not None:
+        _check_address(value, where)
+
+
 def _check_ids(values: tuple[str, ...], where: str) -> None:
     for i, value in enumerate(values):
         _check_id(value, f"{where}[{i}]")
@@ -110,7 +115,7 @@ class DicomSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     http: str = field(default="127.0.0.1:8080", metadata={"check": _check_address})
-    dicom: str | None = field(default=None, metadata={"check": lambda v, w: v is None or _check_address(v, w)})
+    dicom: str | None = field(default=None, metadata={"check": _check_optional_address})
     data_dir: Path = Path("./mwm-data")
     ae_title: str = field(default="MWM", metadata={"check": _check_aet})
     max_upload_size: ByteSize = ByteSize(2 * 2**30)

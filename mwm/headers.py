@@ -12,6 +12,7 @@ import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
 from .errors import InvalidDicom
 from .uids import is_valid_uid
@@ -49,8 +50,11 @@ def _raw(ds: Dataset, keyword: str) -> str | None:
     pydicom's own conversion would validate (and warn about) values we check ourselves, and
     would decode more than we need; UIDs and the few codes we record are ASCII.
     """
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in ds._dict:
+    number = tag_for_keyword(keyword)
+    if number is None:
+        return None
+    tag = Tag(number)
+    if tag not in ds._dict:
         return None
     element = ds._dict[tag]
     value = getattr(element, "value", None)

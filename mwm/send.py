@@ -59,6 +59,10 @@ def batches(files: Sequence[Path], size: int, max_bytes: int = 64 << 20) -> list
     return out
 
 
+def read_all(paths: Sequence[Path]) -> list[bytes]:
+    return [p.read_bytes() for p in paths]
+
+
 async def send(
     client: Client,
     files: Sequence[Path],
@@ -102,7 +106,7 @@ async def send(
     async def worker() -> None:
         while not queue.empty():
             batch = queue.get_nowait()
-            parts = await asyncio.to_thread(lambda b=batch: [p.read_bytes() for p in b])
+            parts = await asyncio.to_thread(read_all, batch)
             try:
                 _status, answer = await client.upload(parts, params=params, headers=headers)
                 outcomes = answer.get("instances", [])

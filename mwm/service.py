@@ -9,7 +9,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -142,7 +142,7 @@ class Service:
             self._failure = exc
             self._stop.set()
 
-    def _check_listen_policy(self, tokens: dict[str, str]) -> None:
+    def _check_listen_policy(self, tokens: Mapping[str, str]) -> None:
         host, _ = split_address(self.settings.server.http)
         if not is_loopback(host) and not tokens:
             raise ConfigError(
