@@ -156,3 +156,29 @@ def service_retention(service):
     from mwm.retention import Retention
 
     return Retention(settings=service.settings.retention, db=service.db, storage=service.storage)
+
+
+async def test_a_locked_database_refuses_then_recovers(tmp_path, make_service, client_for, small_study):
+    import sqlite3
+
+    config = base_config(tmp_path, database={"busy_timeout": "300ms"},
+                         apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}])
+    service = await make_service(config)
+    client = await client_for(service)
+    other = sqlite3.connect(service.settings.database_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    try:
+        status, answer = await post_raw(client, small_study.paths[0].read_bytes())
+        assert status == 503 and answer["failed"] == 1
+        assert answer["instances"][0]["reason"].startswith("the database")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert (await client.get("/v1/instances"))["instances"] == []
+    # Slow but not stuck: a lock held for less than the busy timeout only delays the answer.
+    other = sqlite3.connect(service.settings.database_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.1, lambda: (other.execute("ROLLBACK"), other.close()))
+    status, answer = await post_raw(client, small_study.paths[0].read_bytes())
+    assert status == 200 and answer["stored"] == 1
+    assert len((await client.get("/v1/instances"))["instances"]) == 1
