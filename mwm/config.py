@@ -97,7 +97,7 @@ class DicomSettings:
     sources: tuple[DicomSource, ...] = ()
     reject_unknown_sources: bool | None = None  # default: true when sources are listed
     max_associations: int = field(default=16, metadata={"check": positive})
-    max_pdu_size: int = 0  # 0: unlimited
+    max_pdu_size: int = 1 << 20  # bytes; 0: unlimited (a peer could then make mwm allocate huge PDUs)
     acse_timeout: Duration = Duration(30.0)
     dimse_timeout: Duration = Duration(60.0)
     network_timeout: Duration = Duration(60.0)

@@ -133,6 +133,7 @@ def request_association(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     connected = False
+    started = time.monotonic()
 
     def on_open(event: evt.Event) -> None:
         nonlocal connected
@@ -155,7 +156,11 @@ def request_association(
     if assoc.is_rejected:
         raise AssociationFailed(_rejection(assoc))
     if not connected:
-        raise AssociationFailed(_connection_error(target, timeout), unreachable=True)
+        if time.monotonic() - started >= 0.9 * timeout:
+            no_answer = f"cannot reach {target.host}:{target.port}: no answer within {timeout:g} s"
+            raise AssociationFailed(no_answer, unreachable=True)
+        # A quick failure (refused, no route): one more attempt, bounded, tells which.
+        raise AssociationFailed(_connection_error(target, min(timeout, 2.0)), unreachable=True)
     if assoc.is_aborted:
         raise AssociationFailed("association aborted during negotiation (no common presentation context, or TLS?)")
     raise AssociationFailed(f"no answer to the association request within {timeout:g} s")

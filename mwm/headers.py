@@ -20,6 +20,7 @@ from .uids import is_valid_uid
 PREAMBLE_LENGTH = 128
 MAGIC = b"DICM"
 UNDEFINED_LENGTH = 0xFFFFFFFF
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 # Values larger than this are not read, only located: pixel data stays on disk.
 DEFER_SIZE = 4096
 
@@ -114,7 +115,10 @@ def _parse(stream: BinaryIO, size: int) -> InstanceHeaders:
         raise InvalidDicom("cannot parse the DICOM file", str(exc)[:300]) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on malformed input
         raise InvalidDicom("cannot parse the DICOM file", f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    _check_complete(ds, size)
+    meta = getattr(ds, "file_meta", None)
+    # In a deflated data set pydicom's offsets count in the inflated stream, not in the file.
+    if meta is None or meta.get("TransferSyntaxUID") != DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        _check_complete(ds, size)
     meta = getattr(ds, "file_meta", None)
     if meta is None or "TransferSyntaxUID" not in meta:
         raise InvalidDicom("missing Transfer Syntax UID in the file meta information")

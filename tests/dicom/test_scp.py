@@ -1,0 +1,476 @@
+"""The DICOM SCP against real senders: dcmtk's echoscu/storescu, and pynetdicom for exact statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import synthetic
+from peers import CT_IMAGE_STORAGE, Encoded, dataset_bytes, echoscu, storescu
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from support import base_config, eventually
+
+from mwm.errors import StorageFull
+from mwm.scp import encode_file_meta, encode_store_response
+from mwm.service import Service
+
+
+def scp_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    dicom = sections.pop("dicom", {})
+    return base_config(tmp_path, server={"dicom": "127.0.0.1:0"}, dicom=dicom, **sections)
+
+
+async def instances(client: Any) -> list[dict[str, Any]]:
+    return list((await client.get("/v1/instances", limit=1000))["instances"])
+
+
+def c_store(port: int, paths: Sequence[Path], *, called: str = "MWM", calling: str = "PYNETDICOM") -> list[int]:
+    """Send with pynetdicom, one association; the status of each C-STORE (-1: no response)."""
+    ae = AE(ae_title=calling)
+    seen: set[tuple[str, str]] = set()
+    for path in paths:
+        meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+        seen.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    contexts = [build_context(sop, [ts]) for sop, ts in sorted(seen)]
+    assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title=called)
+    assert assoc.is_established, "association refused"
+    try:
+        statuses = []
+        for path in paths:
+            status = assoc.send_c_store(pydicom.dcmread(path))
+            statuses.append(int(status.Status) if "Status" in status else -1)
+        return statuses
+    finally:
+        assoc.release()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stored_path(service: Service, row: dict[str, Any]) -> Path:
+    path = service.storage.local_path(
+        f"instances/{row['study_instance_uid']}/{row['series_instance_uid']}/{row['sop_instance_uid']}.dcm"
+    )
+    assert path is not None and path.is_file()
+    return path
+
+
+# -- verification and storage ------------------------------------------------------------------
+
+
+async def test_echoscu_is_answered(tmp_path, make_service):
+    service = await make_service(scp_config(tmp_path))
+    result = await echoscu(service.dicom_port)
+    assert result.returncode == 0, result.output
+
+
+async def test_storescu_study_is_stored_as_sent_with_its_origin(tmp_path, make_service, client_for, small_study):
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    result = await storescu(service.dicom_port, small_study.paths, calling="MODALITY1")
+    assert result.returncode == 0, result.output
+    rows = await instances(client)
+    assert len(rows) == len(small_study.paths)
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in small_study.paths}
+    for row in rows:
+        assert (row["source"], row["calling_aet"], row["called_aet"]) == ("dicom", "MODALITY1", "MWM")
+        assert row["peer_address"] == "127.0.0.1"
+        stored = stored_path(service, row)
+        assert dataset_bytes(stored) == dataset_bytes(sent[row["sop_instance_uid"]])
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == row["transfer_syntax_uid"]
+        assert meta.SourceApplicationEntityTitle == "MODALITY1"
+    assert list(service.ingestor.staging_dir.iterdir()) == []
+
+
+TRANSFER_SYNTAXES = [
+    "explicit",
+    "implicit",
+    "deflated",
+    "jpeg-baseline",
+    "jpeg-lossless",
+    "jpeg-ls",
+    "j2k-lossless",
+    "j2k",
+    "rle",
+]
+
+
+@pytest.mark.parametrize("name", TRANSFER_SYNTAXES)
+async def test_storescu_data_set_is_stored_as_sent(name, tmp_path, make_service, client_for, encoded, storescp):
+    """storescu re-encodes what it reads, so what it sent is what dcmtk's bit-preserving storescp kept."""
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    item: Encoded = encoded[name]
+    result = await storescu(service.dicom_port, [item.path], *item.propose, "-R")
+    assert result.returncode == 0, result.output
+    (row,) = await instances(client)
+    assert (row["sop_instance_uid"], row["transfer_syntax_uid"]) == (item.sop_instance_uid, item.transfer_syntax_uid)
+    reference = await storescu(storescp.port, [item.path], *item.propose, "-R", called=storescp.ae_title)
+    assert reference.returncode == 0, reference.output
+    (sent,) = storescp.files()
+    assert sha256(dataset_bytes(stored_path(service, row))) == sha256(dataset_bytes(sent))
+
+
+def raw_send(port: int, path: Path) -> int:
+    """C-STORE the data set exactly as it is in the file (pynetdicom streams it, unparsed)."""
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="RAW")
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MWM")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("name", TRANSFER_SYNTAXES)
+async def test_raw_data_set_is_stored_byte_for_byte(name, tmp_path, make_service, client_for, encoded):
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    item: Encoded = encoded[name]
+    assert await asyncio.to_thread(raw_send, service.dicom_port, item.path) == 0
+    (row,) = await instances(client)
+    assert row["transfer_syntax_uid"] == item.transfer_syntax_uid
+    assert sha256(dataset_bytes(stored_path(service, row))) == sha256(dataset_bytes(item.path))
+
+
+async def test_sender_preferred_transfer_syntax_is_kept(tmp_path, make_service, client_for, encoded):
+    """storescu proposes "JPEG-LS, else uncompressed" in one context: mwm takes the JPEG-LS."""
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    item: Encoded = encoded["jpeg-ls"]
+    result = await storescu(service.dicom_port, [item.path], "-xt", "+C", "-R")
+    assert result.returncode == 0, result.output
+    (row,) = await instances(client)
+    assert row["transfer_syntax_uid"] == item.transfer_syntax_uid
+
+
+async def test_eight_concurrent_associations(tmp_path, make_service, client_for):
+    study = synthetic.generate_study(
+        tmp_path / "study", series_count=2, instances_per_series=16, rows=64, cols=64, seed=3
+    )
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    chunks = [study.paths[i::8] for i in range(8)]
+    results = await asyncio.gather(
+        *(storescu(service.dicom_port, chunk, calling=f"SENDER{i}") for i, chunk in enumerate(chunks))
+    )
+    assert all(r.returncode == 0 for r in results), [r.output for r in results if r.returncode]
+    rows = await instances(client)
+    assert len(rows) == len(study.paths)
+    assert {row["calling_aet"] for row in rows} == {f"SENDER{i}" for i in range(8)}
+    await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="associations closed")
+
+
+async def _zero(value: int) -> bool:
+    return value == 0
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+async def test_unknown_called_ae_title_is_rejected(tmp_path, make_service, client_for, small_study):
+    service = await make_service(scp_config(tmp_path, dicom={"ae_titles": ["ROUTER"]}))
+    client = await client_for(service)
+    echo = await echoscu(service.dicom_port, called="NOBODY")
+    assert echo.returncode != 0
+    assert "called ae title not recognized" in echo.output.lower(), echo.output
+    store = await storescu(service.dicom_port, small_study.paths[:1], called="NOBODY")
+    assert store.returncode != 0
+    assert await instances(client) == []
+    assert (await echoscu(service.dicom_port, called="ROUTER")).returncode == 0
+
+
+async def test_api_added_application_adds_its_ae_title(tmp_path, make_service, client_for):
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    assert (await echoscu(service.dicom_port, called="SEGMENTER")).returncode != 0
+    await client.post("/v1/apps", {"id": "seg", "command": ["true"], "match": {"called_aet": ["SEGMENTER"]}})
+    assert (await echoscu(service.dicom_port, called="SEGMENTER")).returncode == 0
+
+
+async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, client_for, small_study):
+    sources = [{"ae_title": "KNOWN", "host": "127.0.0.1"}, {"ae_title": "ELSEWHERE", "host": "192.0.2.1"}]
+    service = await make_service(scp_config(tmp_path, dicom={"sources": sources}))
+    client = await client_for(service)
+    for calling in ("STRANGER", "ELSEWHERE"):  # unknown; known but from another address
+        result = await echoscu(service.dicom_port, calling=calling)
+        assert result.returncode != 0
+        assert "calling ae title not recognized" in result.output.lower(), result.output
+    store = await storescu(service.dicom_port, small_study.paths[:1], calling="STRANGER")
+    assert store.returncode != 0
+    assert await instances(client) == []
+    assert (await echoscu(service.dicom_port, calling="KNOWN")).returncode == 0
+
+
+async def test_too_many_associations_are_refused_transiently(tmp_path, make_service):
+    service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    first = await asyncio.to_thread(ae.associate, "127.0.0.1", service.dicom_port, ae_title="MWM")
+    try:
+        assert first.is_established
+        result = await echoscu(service.dicom_port)
+        assert result.returncode != 0
+        assert "local limit exceeded" in result.output.lower(), result.output
+    finally:
+        await asyncio.to_thread(first.release)
+    await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="association closed")
+    assert (await echoscu(service.dicom_port)).returncode == 0
+
+
+async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
+    tmp_path, make_service, client_for, small_study
+):
+    aes = [
+        {"ae_title": "MWM", "deny_sop_classes": [CT_IMAGE_STORAGE]},
+        {"ae_title": "ONLYMR", "allow_sop_classes": ["1.2.840.10008.5.1.4.1.1.4"]},
+    ]
+    service = await make_service(scp_config(tmp_path, dicom={"aes": aes}))
+    client = await client_for(service)
+    for called in ("MWM", "ONLYMR"):
+        statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:2], called=called)
+        assert statuses == [0x0122, 0x0122]
+    assert await instances(client) == []
+    assert list(service.ingestor.staging_dir.iterdir()) == []
+    result = await storescu(service.dicom_port, small_study.paths[:1], "-v")
+    assert result.returncode != 0
+    assert "Refused: SOPClassNotSupported" in result.output, result.output
+
+
+async def test_full_disk_answers_out_of_resources_and_records_nothing(
+    tmp_path, make_service, client_for, small_study, monkeypatch
+):
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+
+    async def full(*args: Any, **kwargs: Any) -> None:
+        raise StorageFull("storage is full", "No space left on device")
+
+    monkeypatch.setattr(service.storage, "put_file", full)
+    if hasattr(service.storage, "put_staged"):  # how ingest moves received files into place
+        monkeypatch.setattr(service.storage, "put_staged", full)
+    statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:3])
+    assert statuses == [0xA700] * 3
+    assert await instances(client) == []
+    assert list(service.ingestor.staging_dir.iterdir()) == []
+    monkeypatch.undo()
+    statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:3])
+    assert statuses == [0x0000] * 3
+
+
+async def test_unparseable_data_set_is_refused_with_cannot_understand(tmp_path, make_service, client_for):
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    ds = Dataset()  # no Study/Series UIDs: not an instance mwm can file
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = "1.2.3.4.5"
+    ds.PatientID = "X"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+
+    def send() -> int:
+        ae = AE(ae_title="BROKEN")
+        ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", service.dicom_port, ae_title="MWM")
+        try:
+            return int(assoc.send_c_store(ds).Status)
+        finally:
+            assoc.release()
+
+    status = await asyncio.to_thread(send)
+    assert 0xC000 <= status <= 0xCFFF
+    assert await instances(client) == []
+
+
+# -- a sender that goes away -------------------------------------------------------------------
+
+
+def _send_then_drop(port: int, complete: Sequence[Path], partial: Path) -> list[int]:
+    """C-STORE ``complete`` normally, then send part of ``partial`` and reset the connection."""
+    ae = AE(ae_title="FLAKY")
+    ae.add_requested_context(CT_IMAGE_STORAGE, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="MWM", max_pdu=4096)
+    assert assoc.is_established
+    statuses = [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in complete]
+    context = assoc.accepted_contexts[0]
+    request = C_STORE()
+    request.MessageID = 99
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    ds = pydicom.dcmread(partial)
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    import io
+
+    request.DataSet = io.BytesIO(dataset_bytes(partial))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdus = []
+    for primitive in message.encode_msg(context.context_id, 4096):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        pdus.append(pdu.encode())
+    raw: socket.socket = assoc.dul.socket.socket
+    for data in pdus[: len(pdus) // 2]:  # the command and half of the data set
+        raw.sendall(data)
+    # Reset (not close) the connection, as a crashed sender or a pulled cable would.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+    assoc.kill()
+    return statuses
+
+
+async def test_dropped_connection_keeps_acknowledged_instances_and_nothing_else(tmp_path, make_service, client_for):
+    study = synthetic.generate_study(
+        tmp_path / "study", series_count=1, instances_per_series=4, rows=128, cols=128, seed=5
+    )
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+    statuses = await asyncio.to_thread(_send_then_drop, service.dicom_port, study.paths[:3], study.paths[3])
+    assert statuses == [0, 0, 0]
+    await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="association gone")
+    rows = await instances(client)
+    assert len(rows) == 3
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in study.paths}
+    for row in rows:
+        sent = by_uid[row["sop_instance_uid"]]
+        assert sha256(dataset_bytes(stored_path(service, row))) == sha256(dataset_bytes(sent))
+    assert pydicom.dcmread(study.paths[3], stop_before_pixels=True).SOPInstanceUID not in {
+        r["sop_instance_uid"] for r in rows
+    }
+
+    async def staging_empty() -> bool:
+        return not list(service.ingestor.staging_dir.iterdir())
+
+    await eventually(staging_empty, timeout=5, what="no half-received file left in staging")
+    assert (await echoscu(service.dicom_port)).returncode == 0  # and the SCP carries on
+
+
+# -- shutdown ----------------------------------------------------------------------------------
+
+
+async def test_stop_refuses_new_associations_and_closes_open_ones(tmp_path, small_study):
+    from mwm.config import settings_from_mapping
+
+    service = Service(settings_from_mapping(scp_config(tmp_path)))
+    await service.start()
+    port = service.dicom_port
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(Verification)
+    idle = await asyncio.to_thread(ae.associate, "127.0.0.1", port, ae_title="MWM")
+    assert idle.is_established
+    await asyncio.wait_for(service.stop(), 15)
+    await eventually(lambda: _false(idle.is_established), timeout=5, what="idle association closed")
+    result = await echoscu(port)
+    assert result.returncode != 0
+
+
+async def _false(value: bool) -> bool:
+    return not value
+
+
+# -- wire encodings ----------------------------------------------------------------------------
+
+
+def test_file_meta_encoding_reads_back_with_pydicom(tmp_path):
+    path = tmp_path / "meta.dcm"
+    path.write_bytes(
+        encode_file_meta(
+            sop_class_uid=CT_IMAGE_STORAGE,
+            sop_instance_uid="1.2.3.4.55",
+            transfer_syntax_uid="1.2.840.10008.1.2.4.80",
+            implementation_class_uid="1.2.826.0.1.3680043.9.3811.3.0.4",
+            implementation_version_name="PYNETDICOM_304",
+            source_ae_title="CT1",
+        )
+        + b"\x08\x00\x18\x00UI\x0a\x001.2.3.4.55"
+    )
+    ds = pydicom.dcmread(path)
+    meta = ds.file_meta
+    assert meta.MediaStorageSOPClassUID == CT_IMAGE_STORAGE
+    assert meta.MediaStorageSOPInstanceUID == "1.2.3.4.55"
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    assert meta.ImplementationVersionName == "PYNETDICOM_304"
+    assert meta.SourceApplicationEntityTitle == "CT1"
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert ds.SOPInstanceUID == "1.2.3.4.55"
+
+
+@pytest.mark.parametrize("comment", [None, "instance larger than the limit", "odd"])
+def test_store_response_encoding_matches_pynetdicom(comment):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    rsp.AffectedSOPInstanceUID = "1.2.3.4.5"
+    rsp.Status = 0xA700 if comment else 0
+    rsp.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (expected,) = list(message.encode_msg(1, 0))
+    assert b"\x03" + encode_store_response(rsp) == expected.presentation_data_value_list[0][1]
+
+
+def _stall_mid_pdu(port: int) -> socket.socket:
+    """Associate, then send the first bytes of a PDU and nothing more (the socket stays open)."""
+    ae = AE(ae_title="STALLER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MWM")
+    assert assoc.is_established
+    raw: socket.socket = assoc.dul.socket.socket
+    raw.sendall(b"\x04\x00\x00\x00\x10\x00")  # a P-DATA-TF header announcing 4096 bytes
+    return raw
+
+
+async def test_a_peer_stalled_mid_pdu_is_cut_off_after_the_network_timeout(tmp_path, make_service):
+    service = await make_service(scp_config(tmp_path, dicom={"network_timeout": "1s"}))
+    raw = await asyncio.to_thread(_stall_mid_pdu, service.dicom_port)
+    try:
+        assert service.dicom.associations == 1
+        await eventually(lambda: _zero(service.dicom.associations), timeout=10, what="the stalled association cut off")
+        assert (await echoscu(service.dicom_port)).returncode == 0
+    finally:
+        raw.close()
+
+
+async def test_stop_lets_a_c_store_in_progress_finish(tmp_path, make_service, client_for, small_study):
+    from mwm.config import settings_from_mapping
+
+    config = scp_config(tmp_path)
+    service = Service(settings_from_mapping(config))
+    await service.start()
+    entered = asyncio.Event()
+    original = service.ingestor.ingest_file
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.sleep(0.5)
+        return await original(*args, **kwargs)
+
+    service.ingestor.ingest_file = slow  # type: ignore[method-assign]
+    sending = asyncio.create_task(asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:1]))
+    await asyncio.wait_for(entered.wait(), 10)
+    await service.stop()
+    assert await sending == [0x0000]
+    restarted = await make_service(config)
+    client = await client_for(restarted)
+    assert len(await instances(client)) == 1
