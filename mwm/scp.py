@@ -131,6 +131,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (PS3.4 B.2.3)
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
 
 #: How long the pynetdicom threads of an idle association sleep between checks of their timers
 #: (network idle timeout, ARTIM). Data, responses, releases and aborts wake them at once.
@@ -868,6 +869,9 @@ class DicomServer:
         elif self.settings.dicom.rejects_unknown_sources and not self._source_known(calling, address):
             log.warning("DICOM association from %s@%s refused: unknown source", calling, address)
             reject = REJECT_CALLING_AET
+        elif self.ingestor.pressure is not None:
+            log.warning("DICOM association from %s@%s refused: %s", calling, address, self.ingestor.pressure)
+            reject = REJECT_CONGESTION
         if reject is not None:
             assoc.acse.send_reject(*reject)
             evt.trigger(assoc, evt.EVT_REJECTED, {})

@@ -237,6 +237,16 @@ async def test_too_many_associations_are_refused_transiently(tmp_path, make_serv
     assert (await echoscu(service.dicom_port)).returncode == 0
 
 
+async def test_disk_pressure_refuses_new_associations_transiently(tmp_path, make_service):
+    service = await make_service(scp_config(tmp_path))
+    service.ingestor.pressure = "data folder is 97.0% full (limit 95%)"
+    result = await echoscu(service.dicom_port)
+    assert result.returncode != 0
+    assert "temporary congestion" in result.output.lower(), result.output
+    service.ingestor.pressure = None
+    assert (await echoscu(service.dicom_port)).returncode == 0
+
+
 async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
     tmp_path, make_service, client_for, small_study
 ):
