@@ -314,7 +314,9 @@ class JobService:
             except EngineError as exc:
                 self.metrics.engine_errors.labels(job["engine"], "launch").inc()
                 await self._attempt_failed(
-                    {**job, "attempt": attempt}, f"launch failed: {exc.message}", retryable=exc.retryable
+                    {**job, "attempt": attempt},
+                    f"launch failed: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""),
+                    retryable=exc.retryable,
                 )
                 return
             now = time.time()
@@ -447,6 +449,7 @@ class JobService:
                 not_before=now + delay,
                 error=reason,
                 engine_ref=None,
+                attempt=attempt,
                 message=f"job {job_id} attempt {attempt} failed; retry in {delay:g} s: {reason.splitlines()[0]}",
             )
             log.warning(
@@ -465,6 +468,7 @@ class JobService:
                 now=now,
                 finished_at=now,
                 error=reason,
+                attempt=attempt,
                 log_key=job_log_key(job_id),
                 message=f"job {job_id} failed: {reason.splitlines()[0]}",
             )

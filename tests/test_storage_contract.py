@@ -1,4 +1,8 @@
-"""The ``Storage`` contract, run against every implementation available here."""
+"""The ``Storage`` contract, run against every implementation available here.
+
+``s3`` and ``s3-https`` run against a local S3 server (moto) over HTTP, and over HTTPS with a
+self-signed certificate that ``ca_bundle`` trusts.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,29 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from s3.servers import moto_http, moto_https  # noqa: F401 - fixtures
 
 from mwm.errors import StorageError, StorageFull
+from mwm.options import build
 from mwm.storage import Storage, check_key
 from mwm.storage.local import LocalOptions, LocalStorage
 
 
-@pytest.fixture(params=["local"])
+def _s3_storage(request, tmp_path) -> Storage:
+    server = request.getfixturevalue("moto_https" if request.param == "s3-https" else "moto_http")  # or skip
+    from mwm.storage.s3 import S3Options, S3Storage
+
+    options = server.storage_options(server.new_bucket(), prefix="contract")
+    options.pop("kind")
+    return S3Storage(build(S3Options, options, "storage"), data_dir=tmp_path)
+
+
+@pytest.fixture(params=["local", "s3", "s3-https"])
 async def storage(request, tmp_path) -> AsyncIterator[Storage]:
-    store = LocalStorage(LocalOptions(path=tmp_path / "store"), data_dir=tmp_path)
+    if request.param == "local":
+        store: Storage = LocalStorage(LocalOptions(path=tmp_path / "store"), data_dir=tmp_path)
+    else:
+        store = _s3_storage(request, tmp_path)
     await store.open()
     yield store
     await store.close()

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from ..errors import MwmError
 from ..results import safe_segment
@@ -21,6 +21,16 @@ from . import Delivery, DeliveryOutcome, Sink
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+async def _open_for_writing(path: Path) -> BinaryIO:
+    """Open in a thread without leaking the file if the caller is cancelled meanwhile."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "wb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(lambda t: None if t.cancelled() or t.exception() else t.result().close())
+        raise
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class FolderSink(Sink):
         temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.part"
         try:
             await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-            with await asyncio.to_thread(open, temp, "wb") as f:
+            with await _open_for_writing(temp) as f:
                 async for chunk in self.storage.stream(delivery.storage_key):
                     await asyncio.to_thread(f.write, chunk)
                 await asyncio.to_thread(f.flush)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import botocore.exceptions
 import botocore.loaders
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -244,7 +245,6 @@ class S3Storage(Storage):
             s3={"addressing_style": options.addressing_style},
             request_checksum_calculation=options.request_checksum_calculation,
             response_checksum_validation=options.response_checksum_validation,
-            warm_up_loader_caches=True,  # botocore's model files are read in a thread
         )
         return session.create_client(
             "s3",
@@ -289,10 +289,16 @@ class S3Storage(Storage):
             ) from None
         except BotoCoreError as exc:
             raise StorageError(f"cannot check bucket {self.bucket!r} on {where}", str(exc)) from None
+        # A key outside mwm's key grammar (leading dot), so it can never be one of mwm's objects.
         probe = f"{self._root}.mwm-probe/{uuid.uuid4().hex}"
-        with self._errors("write probe", probe):
-            await self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
-            await self._client.delete_object(Bucket=self.bucket, Key=probe)
+        try:
+            with self._errors("write probe", probe):
+                await self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"ok")
+                await self._client.delete_object(Bucket=self.bucket, Key=probe)
+        except StorageError as exc:
+            raise StorageError(
+                f"cannot write to and delete from bucket {self.bucket!r} on {where}: {exc.message}", exc.detail
+            ) from None
 
     async def _forbidden(self) -> StorageError:
         """Tell wrong credentials from missing permissions (HeadBucket answers have no body)."""
@@ -523,13 +529,18 @@ class S3Storage(Storage):
 
     async def list(self, prefix: str) -> list[str]:
         base = check_key(prefix.rstrip("/"))
+        keys = await self._list_under(base)
+        if not keys and await self.exists(base):
+            return [base]
+        return keys
+
+    async def _list_under(self, base: str) -> list[str]:
+        """Keys strictly under ``base/`` (S3 lists them in key order), with pagination."""
         keys: list[str] = []
         with self._errors("list", base):
             paginator = self._s3.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self._root}{base}/"):
                 keys.extend(item["Key"][len(self._root) :] for item in page.get("Contents", ()))
-        if not keys and await self.exists(base):
-            return [base]
         return sorted(keys)
 
     # -- removing and copying -------------------------------------------------------------------
@@ -540,12 +551,12 @@ class S3Storage(Storage):
             await self._s3.delete_object(Bucket=self.bucket, Key=full)
 
     async def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix``; returns how many there were.
+        """Delete every object under ``prefix/``; returns how many there were.
 
         Objects are deleted one by one (a few at a time) rather than with DeleteObjects, whose
         checksum requirements some S3-compatible servers handle differently.
         """
-        keys = await self.list(prefix)
+        keys = await self._list_under(check_key(prefix.rstrip("/")))
         semaphore = asyncio.Semaphore(DELETE_CONCURRENCY)
 
         async def one(key: str) -> None:
@@ -602,8 +613,19 @@ class S3Storage(Storage):
 
 @functools.cache
 def _shared_loader() -> Any:
-    """One botocore model loader for the process: its caches make every later client quick to create."""
-    return botocore.loaders.create_loader()
+    """One botocore model loader for the process, its S3 models read once (called in a thread).
+
+    The loader caches what it reads, so creating a client later reads no file on the event loop.
+    """
+    loader = botocore.loaders.create_loader()
+    loader.load_service_model("s3", "service-2")
+    for type_name in ("endpoint-rule-set-1", "paginators-1", "waiters-2"):
+        with contextlib.suppress(botocore.exceptions.DataNotFoundError):
+            loader.load_service_model("s3", type_name)
+    for name in ("_retry", "endpoints", "partitions", "sdk-default-configuration"):
+        with contextlib.suppress(botocore.exceptions.DataNotFoundError):
+            loader.load_data(name)
+    return loader
 
 
 def _unlink_quietly(path: Path) -> None:

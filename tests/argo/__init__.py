@@ -1,0 +1,1 @@
+"""Tests of the Argo Workflows engine against a strict fake Argo Server and an S3 test server."""
