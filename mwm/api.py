@@ -171,6 +171,7 @@ def instance_json(row: dict[str, Any]) -> dict[str, Any]:
             "called_aet",
             "peer_address",
             "correlation_id",
+            "storage_key",
             "size",
             "sha256",
         )

@@ -192,7 +192,6 @@ class NewInstance:
     size: int
     sha256: str
     targets: Sequence[BucketTarget] = ()
-    stored: bool = False  # the bytes were stored by this arrival (their name still to be synced)
 
 
 @dataclass(frozen=True)
@@ -394,12 +393,6 @@ class Database:
         )
 
     # -- instances and buckets -------------------------------------------------------------
-
-    async def instance_exists(self, sop_instance_uid: str) -> bool:
-        return (
-            await self.fetch_one("SELECT 1 AS x FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
-            is not None
-        )
 
     async def record_instances(self, items: Sequence[NewInstance], now: float) -> list[RecordOutcome]:
         """Record instances and add them to their buckets, all in one transaction."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 from . import faults
 from .apps import AppRegistry
+from .batching import Batcher
 from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
 from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError, StorageFull
@@ -28,7 +30,6 @@ from .storage import Storage, key
 log = logging.getLogger(__name__)
 
 SPILL_THRESHOLD = 8 << 20  # parts larger than this go to disk while they arrive
-MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,14 @@ class Outcome:
 
 
 def instance_key(headers: InstanceHeaders) -> str:
-    """Storage key of an instance, from UIDs already validated against the UID grammar."""
-    return key("instances", headers.study_instance_uid, headers.series_instance_uid, f"{headers.sop_instance_uid}.dcm")
+    """Storage key of an instance, from UIDs already validated against the UID grammar.
+
+    A short random part makes every arrival's key its own: a second copy of the same SOP Instance
+    UID can never overwrite the bytes of the first, whatever the timing, so no lookup is needed
+    before storing (the database's unique SOP Instance UID decides which copy is kept).
+    """
+    name = f"{headers.sop_instance_uid}.{secrets.token_hex(4)}.dcm"
+    return key("instances", headers.study_instance_uid, headers.series_instance_uid, name)
 
 
 @dataclass
@@ -159,50 +166,6 @@ class Spool:
         await asyncio.to_thread(remove)
 
 
-class Committer:
-    """Group commit: concurrent arrivals are recorded together in one transaction.
-
-    Each submitter gets its own outcome once the transaction holding its row has committed.
-    """
-
-    def __init__(self, db: Database, storage: Storage) -> None:
-        self._db = db
-        self._storage = storage
-        self._queue: asyncio.Queue[tuple[NewInstance, asyncio.Future[RecordOutcome]]] = asyncio.Queue()
-
-    async def submit(self, item: NewInstance) -> RecordOutcome:
-        future: asyncio.Future[RecordOutcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
-        return await future
-
-    async def run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            pending = [(item, fut) for item, fut in batch if not fut.cancelled()]
-            if not pending:
-                continue
-            try:
-                items = [item for item, _ in pending]
-                # The stored files' names become durable together, before their rows are committed.
-                await self._storage.sync([item.storage_key for item in items if item.stored])
-                outcomes = await self._db.record_instances(items, time.time())
-            except asyncio.CancelledError:
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(ShuttingDown("mwm is stopping"))
-                raise
-            except Exception as exc:  # noqa: BLE001 - every waiter must learn of the failure
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), outcome in zip(pending, outcomes, strict=True):
-                if not fut.done():
-                    fut.set_result(outcome)
-
-
 class Ingestor:
     """Turns received bytes into recorded instances, whichever way they came in."""
 
@@ -223,7 +186,9 @@ class Ingestor:
         self.apps = apps
         self.staging_dir = staging_dir
         self.max_instance_size = max_instance_size
-        self.committer = Committer(db, storage)
+        # Group commit: the stored files' names are made durable together, then their rows are
+        # committed together, one batch at a time.
+        self.committer: Batcher[NewInstance, RecordOutcome] = Batcher(self._record)
         self._on_buckets = on_buckets
         self._metrics = metrics
         self._known_aets = known_aets
@@ -231,6 +196,10 @@ class Ingestor:
         self.accepting = True
         #: Why new instances are refused (disk pressure), or None.
         self.pressure: str | None = None
+
+    async def _record(self, items: list[NewInstance]) -> list[RecordOutcome]:
+        await self.storage.sync([item.storage_key for item in items])
+        return await self.db.record_instances(items, time.time())
 
     def prepare(self) -> None:
         """Create the staging folder and remove what a crash left in it (never acknowledged)."""
@@ -310,10 +279,8 @@ class Ingestor:
         self, staged: Path, origin: Origin, headers: InstanceHeaders, size: int, sha256: str
     ) -> Outcome:
         storage_key = instance_key(headers)
-        known = await self.db.instance_exists(headers.sop_instance_uid)
-        if not known:
-            await self.storage.put_staged(storage_key, staged)
-            faults.point("ingest.stored")
+        await self.storage.put_staged(storage_key, staged)
+        faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(
             self.apps.all(),
@@ -332,13 +299,14 @@ class Ingestor:
                 peer_address=origin.peer_address,
                 correlation_id=correlation_id,
                 storage_key=storage_key,
-                stored=not known,
                 size=size,
                 sha256=sha256,
                 targets=targets,
             )
         )
         faults.point("ingest.recorded")
+        if record.duplicate:
+            await self.storage.delete(storage_key)  # the first copy is the instance; this one goes
         if record.buckets:
             self._on_buckets(record.buckets)
             for bucket in record.buckets:

@@ -180,13 +180,14 @@ async def check(box, files, uid_of, acked, jobs, pulled, studies) -> None:
     assert not lost, f"acknowledged instances lost: {lost}"
     assert set(recorded) == set(sent)
     for uid, row in recorded.items():
-        stored = storage / "instances" / row["study_instance_uid"] / row["series_instance_uid"] / f"{uid}.dcm"
+        stored = storage / row["storage_key"]
         assert stored.read_bytes() == sent[uid], f"{uid}: stored bytes differ from what was sent"
         assert row["sha256"] == hashlib.sha256(sent[uid]).hexdigest()
     # Nothing half-written under a real name.
     for path in (storage / "instances").rglob("*"):
         if path.is_file():
-            assert path.read_bytes() == sent[path.stem], f"{path} is not a complete instance"
+            uid = path.name.split(".dcm")[0].rsplit(".", 1)[0]  # <uid>.<random>.dcm
+            assert path.read_bytes() == sent[uid], f"{path} is not a complete instance"
     # Every study was processed; every instance is in a succeeded job; results delivered once per job.
     assert all(j["state"] == "succeeded" for j in jobs), jobs
     assert {j["study_instance_uid"] for j in jobs} == {s.study_uid for s in studies}

@@ -100,9 +100,7 @@ async def test_stored_bytes_are_exactly_what_was_sent(tmp_path, make_service, cl
         uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         record = await client.get(f"/v1/instances/{uid}")
         assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        stored = service.storage.local_path(
-            f"instances/{record['study_instance_uid']}/{record['series_instance_uid']}/{uid}.dcm"
-        )
+        stored = service.storage.local_path(record["storage_key"])
         assert stored is not None and stored.read_bytes() == path.read_bytes()
 
 

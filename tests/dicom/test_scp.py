@@ -61,9 +61,7 @@ def sha256(data: bytes) -> str:
 
 
 def stored_path(service: Service, row: dict[str, Any]) -> Path:
-    path = service.storage.local_path(
-        f"instances/{row['study_instance_uid']}/{row['series_instance_uid']}/{row['sop_instance_uid']}.dcm"
-    )
+    path = service.storage.local_path(row["storage_key"])
     assert path is not None and path.is_file()
     return path
 
