@@ -91,6 +91,7 @@ class Received:
     sha256: str
     headers: InstanceHeaders | None
     error: InvalidDicom | None = None
+    storage_key: str | None = None  # set when the file was already moved into storage
 
 
 def _parse(source: Path | bytes) -> tuple[InstanceHeaders | None, InvalidDicom | None]:
@@ -119,8 +120,11 @@ class Spool:
     thread, hashes it and parses its headers (from memory when it was not spilled).
     """
 
-    def __init__(self, staging_dir: Path, max_size: int) -> None:
+    def __init__(
+        self, staging_dir: Path, max_size: int, place: Callable[[InstanceHeaders, Path], str | None] | None = None
+    ) -> None:
         self.path = staging_dir / f"{uuid.uuid4().hex}.dcm"
+        self._place = place
         self.max_size = max_size
         self.size = 0
         self._buffer = bytearray()
@@ -153,7 +157,9 @@ class Spool:
             self._write_out(data)
             self._file.close()
             headers, error = _parse(self.path if spilled else data)
-            return Received(self.path, self.size, self._digest.hexdigest(), headers, error)
+            # A valid instance goes straight into storage in the same trip to the thread.
+            key = self._place(headers, self.path) if headers is not None and self._place else None
+            return Received(self.path, self.size, self._digest.hexdigest(), headers, error, key)
 
         return await asyncio.to_thread(close)
 
@@ -209,7 +215,15 @@ class Ingestor:
                 leftover.unlink()
 
     def spool(self) -> Spool:
-        return Spool(self.staging_dir, self.max_instance_size)
+        return Spool(self.staging_dir, self.max_instance_size, self._place)
+
+    def _place(self, headers: InstanceHeaders, path: Path) -> str | None:
+        """Move a parsed instance into storage under its own key, on a worker thread, if the kind can."""
+        storage_key = instance_key(headers)
+        try:
+            return storage_key if self.storage.place_blocking(storage_key, path) else None
+        except MwmError:
+            return None  # put_staged will try again and report the error
 
     def check_apps(self, app_ids: Sequence[str]) -> None:
         for app_id in app_ids:
@@ -263,23 +277,24 @@ class Ingestor:
         if received.error is not None:
             raise received.error
         assert received.headers is not None
-        headers, size, sha256 = received.headers, received.size, received.sha256
-        staged = received.path
         faults.point("ingest.parsed")
-        uid = headers.sop_instance_uid
+        uid = received.headers.sop_instance_uid
         lock = self._in_flight.setdefault(uid, asyncio.Lock())
         try:
             async with lock:
-                return await self._store_and_record(staged, origin, headers, size, sha256)
+                return await self._store_and_record(received, origin)
         finally:
             if not lock.locked() and self._in_flight.get(uid) is lock:
                 del self._in_flight[uid]
 
-    async def _store_and_record(
-        self, staged: Path, origin: Origin, headers: InstanceHeaders, size: int, sha256: str
-    ) -> Outcome:
-        storage_key = instance_key(headers)
-        await self.storage.put_staged(storage_key, staged)
+    async def _store_and_record(self, received: Received, origin: Origin) -> Outcome:
+        headers = received.headers
+        assert headers is not None
+        size, sha256 = received.size, received.sha256
+        storage_key = received.storage_key
+        if storage_key is None:
+            storage_key = instance_key(headers)
+            await self.storage.put_staged(storage_key, received.path)
         faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(

@@ -20,8 +20,19 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
     config = base_config(
         tmp_path,
         server={"disk_watermark": 90.0, "disk_reserve": "1MB"},
-        apps=[{"id": "ct", "command": [sys.executable, "-c", "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH']"
-               " + '/r.txt', 'w').write('r')"], "arguments": False, "timeout": "1s", "sinks": ["out"]}],
+        apps=[
+            {
+                "id": "ct",
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')",
+                ],
+                "arguments": False,
+                "timeout": "1s",
+                "sinks": ["out"],
+            }
+        ],
         sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}],
     )
     service = await make_service(config)
@@ -41,8 +52,10 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
     # The open bucket still becomes a job, which runs and delivers.
     (job,) = await wait_jobs(client, 1)
     assert job["instance_count"] == 3
-    await eventually(lambda: asyncio.sleep(0, (tmp_path / "out").exists() and list((tmp_path / "out").rglob("r.txt"))),
-                     what="the delivery")
+    await eventually(
+        lambda: asyncio.sleep(0, (tmp_path / "out").exists() and list((tmp_path / "out").rglob("r.txt"))),
+        what="the delivery",
+    )
 
     async def roomy() -> StorageUsage:
         return StorageUsage(used_bytes=50, free_bytes=50 << 30, total_bytes=100 << 30)
@@ -67,6 +80,10 @@ async def test_a_storage_write_error_refuses_the_instance_and_records_nothing(
         return await original(key, source)
 
     monkeypatch.setattr(service.storage, "put_staged", flaky)
+    original_place = service.storage.place_blocking
+    monkeypatch.setattr(
+        service.storage, "place_blocking", lambda key, source: False if failing else original_place(key, source)
+    )
     status, answer = await post_raw(client, small_study.paths[0].read_bytes())
     assert status == 507 and answer["failed"] == 1 and answer["instances"][0]["reason"] == "storage write failed"
     assert (await client.get("/v1/instances"))["instances"] == []
@@ -84,9 +101,17 @@ async def test_an_application_writing_too_much_is_stopped(tmp_path, make_service
         "        f.write(b'x' * (1 << 20)); f.flush(); time.sleep(0.01)\n"
     )
     config = base_config(
-        tmp_path, jobs={"max_output_size": "8MiB"},
-        apps=[{"id": "hog", "command": [sys.executable, "-c", script], "arguments": False, "timeout": "100ms",
-               "max_attempts": 1}],
+        tmp_path,
+        jobs={"max_output_size": "8MiB"},
+        apps=[
+            {
+                "id": "hog",
+                "command": [sys.executable, "-c", script],
+                "arguments": False,
+                "timeout": "100ms",
+                "max_attempts": 1,
+            }
+        ],
     )
     service = await make_service(config)
     client = await client_for(service)
@@ -100,9 +125,17 @@ async def test_one_crashing_application_does_not_stop_the_others(tmp_path, make_
 
     config = base_config(
         tmp_path,
-        apps=[{"id": "crash", "command": [sys.executable, "-c", "import os; os.abort()"], "arguments": False,
-               "timeout": "100ms", "max_attempts": 1, "match": {"series_description": "5mm"}},
-              {"id": "fine", "command": ["true"], "timeout": "100ms", "match": {"series_description": "1.25mm"}}],
+        apps=[
+            {
+                "id": "crash",
+                "command": [sys.executable, "-c", "import os; os.abort()"],
+                "arguments": False,
+                "timeout": "100ms",
+                "max_attempts": 1,
+                "match": {"series_description": "5mm"},
+            },
+            {"id": "fine", "command": ["true"], "timeout": "100ms", "match": {"series_description": "1.25mm"}},
+        ],
     )
     service = await make_service(config)
     client = await client_for(service)
@@ -120,17 +153,35 @@ async def test_retention_deletes_only_what_is_no_longer_needed(tmp_path, make_se
     config = base_config(
         tmp_path,
         retention={"instances_after": "1h", "results_after": "1h"},
-        apps=[{"id": "ct", "command": [sys.executable, "-c", "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH']"
-               " + '/r.txt', 'w').write('r')"], "arguments": False, "timeout": "100ms", "sinks": ["pull"],
-               "match": {"series_description": "5mm"}},
-              {"id": "slow", "command": ["true"], "timeout": "1h", "match": {"series_description": "1.25mm"}}],
+        apps=[
+            {
+                "id": "ct",
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')",
+                ],
+                "arguments": False,
+                "timeout": "100ms",
+                "sinks": ["pull"],
+                "match": {"series_description": "5mm"},
+            },
+            {"id": "slow", "command": ["true"], "timeout": "1h", "match": {"series_description": "1.25mm"}},
+        ],
         sinks=[{"id": "pull", "kind": "pull"}],
     )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)  # series 1 -> job; series 2 -> a bucket that stays open
-    other = synthetic.generate_study(tmp_path / "o", series_count=1, instances_per_series=2, rows=16, cols=16,
-                                     seed=77, series_descriptions=["LOCALIZER"])
+    other = synthetic.generate_study(
+        tmp_path / "o",
+        series_count=1,
+        instances_per_series=2,
+        rows=16,
+        cols=16,
+        seed=77,
+        series_descriptions=["LOCALIZER"],
+    )
     await upload_files(client, other.paths)  # wanted by no application
     (_job,) = await wait_jobs(client, 1)
     retention = service_retention(service)
@@ -161,8 +212,9 @@ def service_retention(service):
 async def test_a_locked_database_refuses_then_recovers(tmp_path, make_service, client_for, small_study):
     import sqlite3
 
-    config = base_config(tmp_path, database={"busy_timeout": "300ms"},
-                         apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}])
+    config = base_config(
+        tmp_path, database={"busy_timeout": "300ms"}, apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}]
+    )
     service = await make_service(config)
     client = await client_for(service)
     other = sqlite3.connect(service.settings.database_path, isolation_level=None)

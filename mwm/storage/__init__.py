@@ -81,6 +81,11 @@ class Storage(ABC):
         """
         await self.put_file(key, source, move=True)
 
+    def place_blocking(self, key: str, source: Path) -> bool:
+        """``put_staged`` done on the caller's (worker) thread, for kinds that keep files on this
+        machine; False when the kind cannot (then ``put_staged`` is used). Blocking."""
+        return False
+
     async def sync(self, keys: Sequence[str]) -> None:
         """Make the objects stored with ``put_staged`` under ``keys`` durable (default: nothing to do)."""
 

@@ -130,6 +130,9 @@ class LocalStorage(Storage):
             fsync_dir(target.parent)
         return True
 
+    def place_blocking(self, key: str, source: Path) -> bool:
+        return self._move(source, self.path_of(key), False)
+
     async def put_staged(self, key: str, source: Path) -> None:
         target = self.path_of(key)
         if not await asyncio.to_thread(self._move, source, target, False):
