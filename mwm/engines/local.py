@@ -142,14 +142,31 @@ class LocalEngine(Engine):
         return argv
 
     async def _prepare(self, ctx: JobContext) -> None:
-        def reset() -> None:
+        """Fresh input and output folders; the inputs hard-linked (one trip to a thread) or fetched."""
+        local = [(self.storage.local_path(item.storage_key), item) for item in ctx.inputs]
+
+        def reset_and_link() -> list[Any]:
             for folder in (ctx.input_dir, ctx.output_dir):
                 if folder.exists():
                     shutil.rmtree(folder)
                 folder.mkdir(parents=True)
+            remote = []
+            for path, item in local:
+                dest = ctx.input_dir / f"{item.sop_instance_uid}.dcm"
+                if path is None:
+                    remote.append(item)
+                    continue
+                try:
+                    os.link(path, dest)
+                except OSError:
+                    shutil.copyfile(path, dest)
+            return remote
 
-        await asyncio.to_thread(reset)
-        for item in ctx.inputs:
+        try:
+            remote = await asyncio.to_thread(reset_and_link)
+        except OSError as exc:
+            raise EngineError(f"cannot prepare the input folder: {exc}") from exc
+        for item in remote:
             await self.storage.fetch(item.storage_key, ctx.input_dir / f"{item.sop_instance_uid}.dcm")
 
     async def launch(self, ctx: JobContext) -> str:
