@@ -337,7 +337,8 @@ async def test_an_argo_server_over_https_with_a_private_ca(
         )
         client = await client_for(await make_service(trusted))
         await upload_files(client, small_study.paths)
-        (job,) = await wait_jobs(client, 1, timeout=30)
+        (job,) = await wait_jobs(client, 1, ("succeeded", "failed"), timeout=60)
+        assert job["state"] == "succeeded", job
         assert job["result_count"] == 3 and len(secure.created) == 1
     finally:
         await secure.close()
