@@ -101,8 +101,9 @@ def _parse(source: Path | bytes) -> tuple[InstanceHeaders | None, InvalidDicom |
         return None, exc
 
 
-def inspect_file(path: Path) -> Received:
-    """Hash and parse a staged file (for instances that arrived as files, e.g. over DICOM)."""
+def inspect_file(path: Path, place: Callable[[InstanceHeaders, Path], str | None] | None = None) -> Received:
+    """Hash and parse a staged file (for instances that arrived as files, e.g. over DICOM); with
+    ``place``, a valid one is moved into storage in the same trip to the thread."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -110,7 +111,8 @@ def inspect_file(path: Path) -> Received:
             digest.update(chunk)
             size += len(chunk)
     headers, error = _parse(path)
-    return Received(path, size, digest.hexdigest(), headers, error)
+    key = place(headers, path) if headers is not None and place is not None else None
+    return Received(path, size, digest.hexdigest(), headers, error, key)
 
 
 class Spool:
@@ -271,7 +273,7 @@ class Ingestor:
             received = staged
         else:
             try:
-                received = await asyncio.to_thread(inspect_file, staged)
+                received = await asyncio.to_thread(inspect_file, staged, self._place)
             except OSError as exc:
                 raise StorageError("cannot read the received instance", str(exc)) from exc
         if received.error is not None:

@@ -274,8 +274,12 @@ async def test_full_disk_answers_out_of_resources_and_records_nothing(
         raise StorageFull("storage is full", "No space left on device")
 
     monkeypatch.setattr(service.storage, "put_file", full)
-    if hasattr(service.storage, "put_staged"):  # how ingest moves received files into place
-        monkeypatch.setattr(service.storage, "put_staged", full)
+    def full_now(*args: Any, **kwargs: Any) -> bool:
+        raise StorageFull("storage is full", "No space left on device")
+
+    # The ways ingest moves received files into place: on a worker thread, or as a coroutine.
+    monkeypatch.setattr(service.storage, "place_blocking", full_now)
+    monkeypatch.setattr(service.storage, "put_staged", full)
     statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:3])
     assert statuses == [0xA700] * 3
     assert await instances(client) == []
