@@ -11,7 +11,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from aiohttp import BodyPartReader, web
 
 from .db import DELIVERY_STATES, JOB_STATES
 from .errors import BadRequest, Forbidden, MwmError, NotFound, PayloadTooLarge, Unauthorized
-from .ingest import Origin, Outcome
+from .ingest import Origin, Outcome, Received
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -353,20 +353,42 @@ def _upload_response(outcomes: list[Outcome], *, single: bool) -> web.Response:
     return json_response(body, status=status)
 
 
-async def _upload_single(request: web.Request, origin: Origin, limit: int) -> Outcome:
-    service = service_of(request)
+class _Budget:
+    """The bytes one upload may still send."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise PayloadTooLarge(f"the upload is larger than the limit of {self.limit} bytes")
+
+
+async def _spool(service: Service, chunks: AsyncIterator[bytes], budget: _Budget) -> Received:
+    """Receive one instance into the staging folder; nothing is left behind if it fails."""
     spool = service.ingestor.spool()
-    total = 0
     try:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
+        async for chunk in chunks:
+            budget.take(len(chunk))
             await spool.write(chunk)
-        staged = await spool.finish()
+        return await spool.finish()
     except BaseException:
         await spool.discard()
         raise
+
+
+async def _part_chunks(part: BodyPartReader, budget: _Budget | None = None) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(CHUNK):
+        if budget is not None:
+            budget.take(len(chunk))
+        yield chunk
+
+
+async def _upload_single(request: web.Request, origin: Origin, limit: int) -> Outcome:
+    service = service_of(request)
+    staged = await _spool(service, request.content.iter_chunked(CHUNK), _Budget(limit))
     return await service.ingestor.ingest_file(staged, origin)
 
 
@@ -378,9 +400,9 @@ async def _upload_multipart(request: web.Request, origin: Origin, limit: int) ->
         raise BadRequest("malformed multipart body", str(exc)) from None
     slots = asyncio.Semaphore(PARALLEL_PARTS)
     tasks: list[asyncio.Task[Outcome]] = []
-    total = 0
+    budget = _Budget(limit)
 
-    async def ingest(staged: Any) -> Outcome:
+    async def ingest(staged: Received) -> Outcome:
         try:
             return await service.ingestor.ingest_file(staged, origin)
         finally:
@@ -397,21 +419,12 @@ async def _upload_multipart(request: web.Request, origin: Origin, limit: int) ->
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("nested multipart bodies are not supported")
             part_type = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip().lower()
-            spool = service.ingestor.spool()
-            try:
-                while chunk := await part.read_chunk(CHUNK):
-                    total += len(chunk)
-                    if total > limit:
-                        raise PayloadTooLarge(f"the upload is larger than the limit of {limit} bytes")
-                    await spool.write(chunk)
-                staged = await spool.finish()
-            except BaseException:
-                await spool.discard()
-                raise
             if part_type != "application/dicom":
-                await asyncio.to_thread(staged.path.unlink, True)
+                async for _ in _part_chunks(part, budget):  # read past it; store nothing
+                    pass
                 tasks.append(asyncio.ensure_future(_rejected(f"unsupported part type {part_type!r}")))
                 continue
+            staged = await _spool(service, _part_chunks(part), budget)
             await slots.acquire()
             tasks.append(asyncio.create_task(ingest(staged)))
     except BaseException:
