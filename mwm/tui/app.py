@@ -66,7 +66,8 @@ class MwmApp(App[int]):
     """``MwmApp(url, token).run()``; see the module's docstring."""
 
     TITLE = "mwm"
-    HORIZONTAL_BREAKPOINTS: ClassVar[list[tuple[int, str]] | None] = [(0, "-narrow"), (150, "-wide")]
+    # Textual declares it as an instance attribute, so it cannot be annotated ClassVar here.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]  # noqa: RUF012
     CSS = (
         """
     Screen { layout: vertical; }
@@ -109,7 +110,6 @@ class MwmApp(App[int]):
         self.link = LinkStatus("connecting")
         self.last_event: dict[str, Any] | None = None
         self._shown_link: tuple[Text, str] | None = None
-        self.updates_applied = 0
         #: (topics that changed, seconds it took to show them), most recent last.
         self.apply_times: deque[tuple[frozenset[str], float]] = deque(maxlen=2000)
         self.feed = Feed(self.url, token, self, clock=clock, client_factory=client_factory, **self.feed_options)
@@ -140,7 +140,8 @@ class MwmApp(App[int]):
 
     @property
     def panes(self) -> list[Pane]:
-        return list(self.main_screen.query(Pane))
+        """The four panes; none while the app starts or shuts down."""
+        return list(self.main_screen.query(Pane)) if self.is_running and self.screen_stack else []
 
     def pane(self, tab: str) -> Pane:
         return self.main_screen.query_one(f"#{tab}-pane", Pane)
@@ -171,9 +172,9 @@ class MwmApp(App[int]):
         changed = self.store.merge(message.update)
         if changed:
             for pane in self.panes:
-                pane.show(self.store, changed)
+                if pane.ready:
+                    pane.show(self.store, changed)
             self.apply_times.append((frozenset(changed), time.perf_counter() - started))
-        self.updates_applied += 1
         self._show_link()
 
     def on_link_changed(self, message: LinkChanged) -> None:
@@ -198,21 +199,23 @@ class MwmApp(App[int]):
         return self.clock()
 
     def _tick(self) -> None:
+        if not self.is_running or not self.screen_stack:
+            return
         self._show_link()
         active = self.main_screen.query_one(TabbedContent).active
         if active:
             self.pane(active).tick()
 
     def _theme_changed(self, _theme: object) -> None:
-        topics = {"stats", "buckets", "jobs", "apps", "sinks", "deliveries", "job"}
         for pane in self.panes:
-            pane.show(self.store, topics)
+            if pane.ready:
+                pane.show(self.store, set(pane.TOPICS))
         self._show_link()
 
     # -- the top bar and the banner -----------------------------------------------------------
 
     def _show_link(self) -> None:
-        if not self.is_mounted or not self.screen_stack or not self.main_screen.query(TopBar):
+        if not self.is_running or not self.screen_stack or not self.main_screen.query(TopBar):
             return
         status = self.link
         top = Text(no_wrap=True, overflow="ellipsis")
@@ -275,8 +278,7 @@ class MwmApp(App[int]):
             self.notify(done)
 
     def action_show_tab(self, tab: str) -> None:
-        self.main_screen.query_one(TabbedContent).active = tab
-        self._focus_pane(tab)
+        self.main_screen.query_one(TabbedContent).active = tab  # TabActivated focuses its pane
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         if event.tabbed_content.id != "tabs" or event.pane.id is None:
@@ -284,10 +286,17 @@ class MwmApp(App[int]):
         self.call_after_refresh(self._focus_pane, event.pane.id)
 
     def _focus_pane(self, tab: str) -> None:
+        # Only for the tab still shown: focusing a widget in another tab would switch to that
+        # tab (TabbedContent follows the focus), and two late calls would then switch back and
+        # forth for ever.
+        if not self.is_running or not self.screen_stack:
+            return
+        if self.main_screen.query_one(TabbedContent).active != tab:
+            return
         pane = self.pane(tab)
         pane.tick()
         widget = pane.main_widget()
-        if widget is not None:
+        if widget is not None and not pane.has_focus_within:
             widget.focus()
 
     def action_reconnect(self) -> None:

@@ -19,11 +19,12 @@ APP_COLUMNS = [
     ("id", "Application"),
     ("engine", "Engine"),
     ("grouping", "Group"),
-    ("timeout", "Timeout"),
+    ("timeout", "Wait"),
     ("succeeded", "OK"),
     ("failed", "Failed"),
+    ("cancelled", "Cancelled"),
     ("active", "Active"),
-    ("instances", "Inst 24h"),
+    ("instances", "Inst"),
 ]
 ENGINE_KEYS = ("command", "image", "arguments")
 SPEC_KEYS = {
@@ -61,7 +62,7 @@ class AppsPane(Pane):
         self._activity: dict[str, dict[str, Any]] = {}
 
     def compose(self) -> ComposeResult:
-        yield Label("Applications (jobs over the last 24 h)", classes="caption")
+        yield Label("Applications (jobs and instances over the last 24 h)", classes="caption")
         yield KeyedTable(APP_COLUMNS, sort="id", id="app-table")
         with VerticalScroll(id="app-detail-box"):
             yield Static("", id="app-detail")
@@ -99,6 +100,7 @@ class AppsPane(Pane):
                 failed,
                 justify="right",
             ),
+            number_cell(sum_states(jobs, ["cancelled"])),
             number_cell(sum_states(jobs, ["scheduled", "launching", "running", "collecting"])),
             number_cell(int(activity.get("instances") or 0)),
         )

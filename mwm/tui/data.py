@@ -54,6 +54,8 @@ ALL_TOPICS = LIST_TOPICS | {JOB, LOG}
 STREAM_PATH = "/v1/events/stream"
 #: mwm writes a comment line every 15 s on an idle stream; three missed ones mean it is gone.
 STREAM_IDLE_TIMEOUT = 45.0
+#: Seconds after a bucket opens to fetch it again (with the instances that arrived since).
+BURST_FOLLOW_UP = 1.5
 
 
 def backoff_delay(failures: int, *, base: float = 1.0, cap: float = 10.0) -> float:
@@ -218,11 +220,13 @@ class Feed:
         follow_interval: float = 1.0,
         debounce: float = 0.25,
         request_timeout: float = 8.0,
+        backoff_base: float = 1.0,
         max_backoff: float = 10.0,
         jobs_limit: int = 1000,
         buckets_limit: int = 2000,
         deliveries_limit: int = 200,
         log_tail: int = 200,
+        stream_path: str = STREAM_PATH,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
@@ -235,11 +239,13 @@ class Feed:
         self.follow_interval = follow_interval
         self.debounce = debounce
         self.request_timeout = request_timeout
+        self.backoff_base = backoff_base
         self.max_backoff = max_backoff
         self.jobs_limit = jobs_limit
         self.buckets_limit = buckets_limit
         self.deliveries_limit = deliveries_limit
         self.log_tail = log_tail
+        self.stream_path = stream_path
         self.role: Role | None = None
         self.status = LinkStatus("connecting")
         self.last_event_id: str | None = None
@@ -254,12 +260,9 @@ class Feed:
         self._watched: int | None = None
         self._watched_active = False
         self._role_task: asyncio.Task[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
 
     # -- what the screens ask for -----------------------------------------------------------
-
-    @property
-    def watched_job(self) -> int | None:
-        return self._watched
 
     def watch_job(self, job_id: int | None) -> None:
         """Fetch this job's details and log from now on (``None``: no job)."""
@@ -305,16 +308,13 @@ class Feed:
             self._client = client
             try:
                 async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
                     tasks.create_task(self._refresh_loop(), name="tui-refresh")
                     tasks.create_task(self._stream_loop(), name="tui-stream")
                     tasks.create_task(self._poll_loop(), name="tui-poll")
                     tasks.create_task(self._follow_loop(), name="tui-follow")
             finally:
-                if self._role_task is not None:
-                    self._role_task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await self._role_task
-                self._client = None
+                self._client = self._tasks = None
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -335,13 +335,13 @@ class Feed:
             if not self._up.is_set():
                 self._up.set()
                 self._set_link(LinkStatus("live" if self._streaming else "polling"))
-                if self.role is None and self._role_task is None:
-                    self._role_task = asyncio.create_task(self._detect_role(), name="tui-role")
+                if self.role is None and self._role_task is None and self._tasks is not None:
+                    self._role_task = self._tasks.create_task(self._detect_role(), name="tui-role")
             self.listener.feed_update(update)
 
     async def _back_off(self, exc: Unreachable) -> None:
         self._failures += 1
-        delay = backoff_delay(self._failures, cap=self.max_backoff)
+        delay = backoff_delay(self._failures, base=self.backoff_base, cap=self.max_backoff)
         self._up.clear()
         self._set_link(
             LinkStatus("down", retry_at=self.clock() + delay, error=exc.message, unauthorized=exc.unauthorized)
@@ -374,7 +374,7 @@ class Feed:
         if self.last_event_id is not None:
             headers["Last-Event-ID"] = self.last_event_id
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout, sock_read=STREAM_IDLE_TIMEOUT)
-        async with client.session.get(client.url + STREAM_PATH, headers=headers, timeout=timeout) as response:
+        async with client.session.get(client.url + self.stream_path, headers=headers, timeout=timeout) as response:
             if response.status != 200 or response.content_type != "text/event-stream":
                 raise StreamUnavailable(f"HTTP {response.status} {response.content_type}")
             self._streaming = True
@@ -400,6 +400,10 @@ class Feed:
             return
         kind = str(data.get("kind") or event.event)
         topics = set(topics_for_event(kind))
+        if kind == "bucket.opened":
+            # The rest of the study usually follows at once, and arrivals have no event of their
+            # own: look again when the burst is likely over, not only at the next slow poll.
+            asyncio.get_running_loop().call_later(BURST_FOLLOW_UP, self.invalidate, BUCKETS, STATS)
         job_id = data.get("job_id")
         if job_id is not None and job_id == self._watched:
             topics |= {JOB, LOG}

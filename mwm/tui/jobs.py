@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.console import Group, RenderableType
@@ -42,6 +43,8 @@ JOB_COLUMNS = [
     ("ran", "Ran"),
 ]
 STATE_ORDER = {state: i for i, state in enumerate(JOB_STATES)}
+#: Computed by mwm when it answers: they change on every answer, the job does not.
+SERVER_TIMES = frozenset({"age_seconds", "run_seconds"})
 ALL = "*"
 ACTIVE = "active"
 RESULT_COLUMNS = [
@@ -54,7 +57,7 @@ RESULT_COLUMNS = [
 ]
 
 
-def job_matches(job: dict[str, Any], state: str, app: str, text: str) -> bool:
+def job_matches(job: Mapping[str, Any], state: str, app: str, text: str) -> bool:
     """Whether a job passes the filters (``*`` is "any"; ``text`` is searched in patient and study)."""
     job_state = job.get("state")
     if state == ACTIVE and job_state not in ACTIVE_JOB_STATES:
@@ -276,7 +279,7 @@ class JobsPane(Pane):
             yield Select([("all apps", ALL)], value=ALL, allow_blank=False, compact=True, id="app-filter")
             yield Input(placeholder="/ patient or study…", compact=True, id="text-filter")
         with Vertical(id="jobs-body"):
-            yield KeyedTable(JOB_COLUMNS, sort="id", reverse=True, id="job-table")
+            yield KeyedTable(JOB_COLUMNS, sort="id", reverse=True, follow_top=True, id="job-table")
             yield JobDetail(id="detail")
 
     def main_widget(self) -> Widget:
@@ -324,15 +327,11 @@ class JobsPane(Pane):
 
     def _apply_filter(self) -> None:
         now = self.console.now()
-        rows = {
-            key: self.job_row(job, now)
-            for key, job in self._jobs.items()
-            if job_matches(job, self._state, self._app, self._text)
-        }
-        self.table.sync(rows)
+        shown = {k: j for k, j in self._jobs.items() if job_matches(j, self._state, self._app, self._text)}
+        self.table.sync(self.table.rows_for(shown, lambda job: self.job_row(job, now), ignore=SERVER_TIMES))
         self._follow_cursor()
 
-    def job_row(self, job: dict[str, Any], now: float) -> tuple[Cell, ...]:
+    def job_row(self, job: Mapping[str, Any], now: float) -> tuple[Cell, ...]:
         job_id = int(job["id"])
         state = str(job.get("state") or "")
         created = parse_ts(job.get("created_at"))

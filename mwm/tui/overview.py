@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -36,6 +37,10 @@ BUCKET_COLUMNS = [
 ]
 
 
+#: Computed by mwm when it answers: they change on every answer, the bucket does not.
+SERVER_TIMES = frozenset({"remaining_seconds"})
+
+
 class Card(Vertical):
     """A titled box of a few lines."""
 
@@ -44,7 +49,7 @@ class Card(Vertical):
         border: round $primary 50%; border-title-color: $text-primary; border-title-style: bold;
         padding: 0 1; height: 8; width: 1fr;
     }
-    Card#jobs-card { width: 22; }
+    Card#jobs-card { width: 20; }
     Card Static { height: auto; text-wrap: nowrap; text-overflow: ellipsis; }
     Card Sparkline { height: 2; }
     """
@@ -59,6 +64,10 @@ def _line(label: str, value: str, width: int = 11, style: str = "") -> Text:
     text.append(label.ljust(width), style="dim")
     text.append(value, style=style)
     return text
+
+
+def _plural(count: int | None, one: str, many: str) -> str:
+    return f"{fmt_count(count)} {one if count == 1 else many}"
 
 
 def _lines(lines: list[Text]) -> Text:
@@ -82,7 +91,7 @@ class OverviewPane(Pane):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._buckets: dict[str, dict[str, Any]] = {}
-        self._open_total: int | None = None
+        self._had_buckets = False
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="cards"):
@@ -111,8 +120,8 @@ class OverviewPane(Pane):
         last = int(rate[-1]) if rate else 0
         lines = [
             Text(f"{last:,}/min · {int(sum(rate)):,} in 15 min"),
-            _line("today", f"{fmt_count(stats.get('instances'))} instances", 6),
-            _line("", f"{fmt_count(stats.get('studies'))} studies", 6),
+            _line("today", _plural(stats.get("instances"), "instance", "instances"), 6),
+            _line("", _plural(stats.get("studies"), "study", "studies"), 6),
             _line("", fmt_bytes(stats.get("bytes")), 6),
         ]
         self.query_one("#ingest-text", Static).update(_lines(lines))
@@ -151,7 +160,7 @@ class OverviewPane(Pane):
         elif stats.get("accepting") is False:
             lines.append(Text("⚠ not accepting instances", style=error))
         elif limit:
-            lines.append(_line("", f"refuses data at {limit:g}%", 9, "dim"))
+            lines.append(_line("", f"limit {limit:g}%", 9, "dim"))
         else:
             lines.append(Text(""))
         totals = delivery_totals(stats.get("deliveries"))
@@ -170,8 +179,10 @@ class OverviewPane(Pane):
         self._buckets = {str(b["id"]): b for b in buckets}
         now = self.console.now()
         table = self.query_one("#bucket-table", KeyedTable)
-        table.sync({key: self._row(b, now) for key, b in self._buckets.items()})
-        self.refresh_bindings()
+        table.sync(table.rows_for(self._buckets, lambda b: self._row(b, now), ignore=SERVER_TIMES))
+        if bool(self._buckets) != self._had_buckets:  # the footer is redrawn only when "close" comes or goes
+            self._had_buckets = bool(self._buckets)
+            self.refresh_bindings()
 
     def _caption(self, stats: dict[str, Any] | None) -> None:
         shown = len(self._buckets)
@@ -181,7 +192,7 @@ class OverviewPane(Pane):
             text = f"Open buckets ({shown:,} of {total:,} shown)"
         self.query_one("#buckets-caption", Label).update(text)
 
-    def _row(self, bucket: dict[str, Any], now: float) -> tuple[Cell, ...]:
+    def _row(self, bucket: Mapping[str, Any], now: float) -> tuple[Cell, ...]:
         bucket_id = int(bucket["id"])
         return (
             number_cell(bucket_id),
@@ -192,7 +203,7 @@ class OverviewPane(Pane):
             *self._clock_cells(bucket, now),
         )
 
-    def _clock_cells(self, bucket: dict[str, Any], now: float) -> tuple[Cell, Cell]:
+    def _clock_cells(self, bucket: Mapping[str, Any], now: float) -> tuple[Cell, Cell]:
         bucket_id = int(bucket["id"])
         opened = parse_ts(bucket.get("opened_at"))
         deadline = parse_ts(bucket.get("deadline"))

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
+from rich.console import JustifyMethod
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Horizontal, Vertical
 from textual.coordinate import Coordinate
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, DataTable, Label, Static
-from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist, RowKey
+from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
 from .fmt import DASH, RETRYABLE_DELIVERY_STATES, clip
 
@@ -40,11 +41,11 @@ class Cell:
 
     __slots__ = ("sort", "text")
 
-    def __init__(self, text: str | Text, sort: Any = None, *, justify: str | None = None) -> None:
+    def __init__(self, text: str | Text, sort: Any = None, *, justify: JustifyMethod | None = None) -> None:
         if isinstance(text, str):
             text = Text(text, no_wrap=True, end="", overflow="ellipsis")
         if justify is not None:
-            text.justify = justify  # type: ignore[assignment]
+            text.justify = justify
         self.text = text
         self.sort = text.plain if sort is None else sort
 
@@ -62,7 +63,7 @@ class Cell:
 
 def number_cell(value: int | None, *, zero: str = "0") -> Cell:
     if value is None:
-        return Cell("—", -1, justify="right")
+        return Cell(DASH, -1, justify="right")
     return Cell(f"{value:,}" if value else zero, value, justify="right")
 
 
@@ -79,12 +80,21 @@ class KeyedTable(DataTable[Cell]):
     """
 
     def __init__(
-        self, columns: Sequence[tuple[str, str]], *, sort: str | None = None, reverse: bool = False, **kwargs: Any
+        self,
+        columns: Sequence[tuple[str, str]],
+        *,
+        sort: str | None = None,
+        reverse: bool = False,
+        follow_top: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)
+        #: With the cursor on the first row, stay on the first row when rows come in above it
+        #: (the newest job, say) instead of following the row it was on.
+        self.follow_top = follow_top
         self._column_spec = list(columns)
-        self._labels = dict(columns)
         self._cells: dict[str, tuple[Cell, ...]] = {}
+        self._essence: dict[str, dict[str, Any]] = {}
         self.sort_column = sort or columns[0][0]
         self.sort_reverse = reverse
 
@@ -95,18 +105,37 @@ class KeyedTable(DataTable[Cell]):
 
     # -- rows ---------------------------------------------------------------------------------
 
-    @property
-    def row_keys(self) -> list[str]:
-        """Keys in display order."""
-        order = sorted(self.rows, key=self.get_row_index)
-        return [str(k.value) for k in order]
-
     def cells_of(self, key: str) -> tuple[Cell, ...] | None:
         return self._cells.get(key)
 
+    def rows_for(
+        self,
+        items: Mapping[str, Mapping[str, Any]],
+        make: Callable[[Mapping[str, Any]], tuple[Cell, ...]],
+        *,
+        ignore: frozenset[str] = frozenset(),
+    ) -> dict[str, tuple[Cell, ...]]:
+        """Rows for :meth:`sync`: made again only for items that changed since the last call.
+
+        ``ignore`` names fields that change on every answer without changing the row (times the
+        server computed when it answered; the clock columns are the tick's business).
+        """
+        rows: dict[str, tuple[Cell, ...]] = {}
+        seen: dict[str, dict[str, Any]] = {}
+        for key, item in items.items():
+            essence = {k: v for k, v in item.items() if k not in ignore}
+            old = self._cells.get(key)
+            if old is not None and self._essence.get(key) == essence:
+                rows[key] = old
+            else:
+                rows[key] = make(item)
+            seen[key] = essence
+        self._essence = seen
+        return rows
+
     def sync(self, rows: Mapping[str, tuple[Cell, ...]]) -> None:
         """Make the table show exactly ``rows`` (key → cells), changing only what differs."""
-        keep = self.cursor_key
+        keep = None if self.follow_top and self.row_count and self.cursor_row == 0 else self.cursor_key
         moved = False
         for key in [k for k in self._cells if k not in rows]:
             self.remove_row(key)
@@ -118,11 +147,12 @@ class KeyedTable(DataTable[Cell]):
             old = self._cells.get(key)
             if old is None:
                 self.add_row(*cells, key=key)
+                self._grow_columns(columns, cells)
                 moved = True
             elif old != cells:
                 for column, before, after in zip(columns, old, cells, strict=True):
                     if before != after:
-                        self.update_cell(key, column, after, update_width=True)
+                        self._set_cell(key, column, after)
                 moved = moved or old[sort_index].sort != cells[sort_index].sort
             self._cells[key] = cells
         if moved:
@@ -146,8 +176,21 @@ class KeyedTable(DataTable[Cell]):
                 index = names.index(column)
                 if cell is not None and cell != cells[index]:
                     cells[index] = cell
-                    self.update_cell(key, column, cell, update_width=True)
+                    self._set_cell(key, column, cell)
             self._cells[key] = tuple(cells)
+
+    def _grow_columns(self, columns: Sequence[str], cells: Sequence[Cell]) -> None:
+        # DataTable measures new rows when it is next idle; widening the columns now means the
+        # frame drawn before that does not show the new row clipped.
+        for column, cell in zip(columns, cells, strict=True):
+            spec = self.columns[ColumnKey(column)]
+            spec.content_width = max(spec.content_width, cell.text.cell_len)
+
+    def _set_cell(self, key: str, column: str, cell: Cell) -> None:
+        # Columns only grow: asking DataTable to fit a narrower value makes it measure the whole
+        # column again, which with a thousand rows ticking every second is what freezes a screen.
+        grow = cell.text.cell_len > self.columns[ColumnKey(column)].content_width
+        self.update_cell(key, column, cell, update_width=grow)
 
     def visible_keys(self) -> list[str]:
         if not self.row_count:
@@ -195,7 +238,10 @@ class KeyedTable(DataTable[Cell]):
     def _resort(self, keep: str | None) -> None:
         if self.row_count:
             self.sort(self.sort_column, key=lambda cell: cell.sort, reverse=self.sort_reverse)
-        self.move_to(keep)
+        if keep is None and self.row_count:
+            self.move_cursor(row=0, scroll=False)
+        else:
+            self.move_to(keep)
 
     def _show_sort(self) -> None:
         for key, label in self._column_spec:
@@ -210,10 +256,6 @@ class KeyedTable(DataTable[Cell]):
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         event.stop()
         self.sort_by(str(event.column_key.value))
-
-
-def row_key_text(key: RowKey) -> str:
-    return str(key.value)
 
 
 def theme_colour(app: Any, name: str) -> str:
@@ -247,28 +289,15 @@ class Banner(Static):
     """
 
 
-class Panel(Static):
-    """A bordered block of text with a title."""
-
-    DEFAULT_CSS = """
-    Panel { border: round $primary 60%; border-title-color: $text-primary; padding: 0 1; height: auto; }
-    """
-
-    def __init__(self, title: str, **kwargs: Any) -> None:
-        super().__init__("", **kwargs)
-        self.border_title = title
-
-
 class ConfirmScreen(ModalScreen[bool]):
     """ "Are you sure?" for every action that changes something; ``y``/``n``, Enter, Escape or a click."""
 
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
-    ConfirmScreen > Grid {
-        grid-size: 1 2; grid-rows: auto 3; width: 60; max-width: 90%; height: auto;
-        border: thick $warning; background: $surface; padding: 1 2;
+    ConfirmScreen > Vertical {
+        width: 64; max-width: 90%; height: auto; border: thick $warning; background: $surface; padding: 1 2;
     }
-    ConfirmScreen #question { width: 100%; margin-bottom: 1; }
+    ConfirmScreen #question { width: 100%; height: auto; margin-bottom: 1; }
     ConfirmScreen Horizontal { align: center middle; height: 3; }
     ConfirmScreen Button { margin: 0 2; }
     """
@@ -284,7 +313,7 @@ class ConfirmScreen(ModalScreen[bool]):
         self.confirm = confirm
 
     def compose(self) -> ComposeResult:
-        with Grid():
+        with Vertical():
             yield Label(self.question, id="question")
             with Horizontal():
                 yield Button(f"{self.confirm} (y)", variant="warning", id="yes")
@@ -305,6 +334,7 @@ class Console(Protocol):
     """What the panes need from the app (:class:`mwm.tui.app.MwmApp`)."""
 
     role: str | None
+    store: Store
 
     def now(self) -> float: ...
 
@@ -323,10 +353,23 @@ class Pane(Vertical):
 
     #: Actions that change something in mwm: hidden for a read-only token.
     WRITE_ACTIONS: ClassVar[frozenset[str]] = frozenset()
+    #: Every topic a pane may show (what :meth:`show` gets when the pane first appears).
+    TOPICS: ClassVar[frozenset[str]] = frozenset(
+        {"stats", "buckets", "jobs", "apps", "sinks", "deliveries", "job", "log"}
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: Set once the pane and its children are mounted: updates before that wait in the store.
+        self.ready = False
 
     @property
     def console(self) -> Console:
         return cast(Console, self.app)
+
+    def on_mount(self) -> None:
+        self.ready = True
+        self.show(self.console.store, set(self.TOPICS))
 
     def show(self, store: Store, changed: set[str]) -> None:
         """Bring the pane up to date with ``store``; ``changed`` says which topics changed."""
