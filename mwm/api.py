@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_KEY: web.AppKey[Service] = web.AppKey("service")
+ROLE_KEY: web.RequestKey[str] = web.RequestKey("role", str)
 PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
 CHUNK = 1 << 20
 PARALLEL_PARTS = 4
@@ -82,7 +83,10 @@ def auth_middleware(tokens: Mapping[str, str]) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not tokens or request.path in PUBLIC_PATHS:
+        if not tokens:
+            request[ROLE_KEY] = "admin"
+            return await handler(request)
+        if request.path in PUBLIC_PATHS:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
@@ -97,6 +101,7 @@ def auth_middleware(tokens: Mapping[str, str]) -> Middleware:
         needs = "read" if request.method in ("GET", "HEAD", "OPTIONS") else "admin"
         if needs == "admin" and role != "admin":
             raise Forbidden("this token may only read", f"{request.method} {request.path} needs an admin token")
+        request[ROLE_KEY] = role
         return await handler(request)
 
     return middleware
@@ -510,9 +515,7 @@ async def get_bucket(request: web.Request) -> web.Response:
 
 async def close_bucket(request: web.Request) -> web.Response:
     service = service_of(request)
-    job_id = await service.jobs.close_bucket(path_id(request), "closed by request")
-    job = await service.db.get_job(job_id)
-    assert job is not None
+    job = await service.jobs.close_bucket(path_id(request), "closed by request")
     return json_response({"job": job_json(job, time.time())})
 
 
@@ -742,24 +745,32 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     await response.write(b"retry: 2000\n\n")
-    idle = 0.0
-    while service.accepting:
-        rows = await service.db.events(after, limit=500)
-        for row in rows:
-            after = row["id"]
-            row["ts"] = iso(row["ts"])
-            payload = json.dumps(row, separators=(",", ":"))
-            await response.write(f"id: {after}\nevent: {row['kind']}\ndata: {payload}\n\n".encode())
-        if rows:
-            idle = 0.0
-            continue
-        # Short waits, so a stopping service ends the stream promptly.
-        if not await service.db.wait_for_change(1.0):
-            idle += 1.0
-            if idle >= KEEPALIVE_SECONDS:
-                await response.write(b": keep-alive\n\n")
+    try:
+        idle = 0.0
+        while service.accepting:
+            rows = await service.db.events(after, limit=500)
+            for row in rows:
+                after = row["id"]
+                row["ts"] = iso(row["ts"])
+                payload = json.dumps(row, separators=(",", ":"))
+                await response.write(f"id: {after}\nevent: {row['kind']}\ndata: {payload}\n\n".encode())
+            if rows:
                 idle = 0.0
+                continue
+            # Short waits, so a stopping service ends the stream promptly.
+            if not await service.db.wait_for_change(1.0):
+                idle += 1.0
+                if idle >= KEEPALIVE_SECONDS:
+                    await response.write(b": keep-alive\n\n")
+                    idle = 0.0
+    except ConnectionResetError:  # the client left
+        log.debug("event stream client left")
     return response
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's role, so that clients offer only what they may do."""
+    return json_response({"role": request.get(ROLE_KEY, "admin")})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -805,6 +816,7 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/events", list_events),
         web.get("/v1/events/stream", event_stream),
         web.get("/metrics", metrics),
+        web.get("/v1/whoami", whoami),
         web.get("/v1/stats", stats),
     ]
 

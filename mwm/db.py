@@ -588,12 +588,16 @@ class Database:
 
     async def close_bucket(
         self, bucket_id: int, reason: str, *, job_settings: Callable[[str], tuple[str, int]], now: float
-    ) -> int | None:
-        """Close an open bucket and schedule its job; ``None`` when it was not open."""
-        job_id, _ = await self._write(
-            lambda conn: self._close_bucket(conn, bucket_id, reason, job_settings, now, False)
-        )
-        return job_id
+    ) -> dict[str, Any] | None:
+        """Close an open bucket and schedule its job; the job's row, or ``None`` when it was not open."""
+
+        def tx(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            job_id, _ = self._close_bucket(conn, bucket_id, reason, job_settings, now, False)
+            if job_id is None:
+                return None
+            return dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._write(tx)
 
     async def close_due_buckets(
         self, bucket_ids: Sequence[int], *, job_settings: Callable[[str], tuple[str, int]], now: float

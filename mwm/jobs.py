@@ -150,16 +150,17 @@ class JobService:
         if closed:
             self._wake_scheduler.set()
 
-    async def close_bucket(self, bucket_id: int, reason: str) -> int:
-        """Close an open bucket now and schedule its job; returns the job id."""
+    async def close_bucket(self, bucket_id: int, reason: str) -> dict[str, Any]:
+        """Close an open bucket now and schedule its job; returns the job."""
         bucket = await self.db.get_bucket(bucket_id)
         if bucket is None:
             raise NotFound(f"no bucket {bucket_id}")
         if bucket["state"] != "open":
             raise Conflict(f"bucket {bucket_id} is already closed")
-        job_id = await self.db.close_bucket(bucket_id, reason, job_settings=self._job_settings, now=time.time())
-        if job_id is None:
+        job = await self.db.close_bucket(bucket_id, reason, job_settings=self._job_settings, now=time.time())
+        if job is None:
             raise Conflict(f"bucket {bucket_id} is already closed")
+        job_id = int(job["id"])
         self.timer.discard(bucket_id)
         log.info(
             "bucket %s closed (%s): job %s scheduled",
@@ -169,7 +170,7 @@ class JobService:
             extra={"app_id": bucket["app_id"], "job_id": job_id, "correlation_id": bucket["correlation_id"]},
         )
         self._wake_scheduler.set()
-        return job_id
+        return job
 
     def _max_attempts(self, app_id: str) -> int:
         if app_id in self.apps:

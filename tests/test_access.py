@@ -65,6 +65,13 @@ async def test_every_route_checks_the_token(secured, method, path) -> None:
         assert admin_status not in (401, 403)
 
 
+async def test_whoami_tells_the_role(secured) -> None:
+    base, session = secured
+    for token, role in ((READ, "read"), (ADMIN, "admin")):
+        async with session.get(base + "/v1/whoami", headers={"Authorization": f"Bearer {token}"}) as response:
+            assert (await response.json()) == {"role": role}
+
+
 async def test_a_401_names_the_scheme(secured) -> None:
     base, session = secured
     async with session.get(base + "/v1/jobs") as response:

@@ -611,6 +611,7 @@ async def test_every_endpoint_answers_as_documented(
     await api.get("/v1/events", params={"job": str(job_id), "after": "0", "limit": "50"})
     stats = await api.get("/v1/stats")
     assert stats["jobs"]["succeeded"] >= 1
+    assert (await api.get("/v1/whoami")) == {"role": "admin"}
     metrics_text = await api.get("/metrics")
     assert 'mwm_jobs{state="succeeded"}' in metrics_text
     async with session.get(api.base + "/v1/events/stream", params={"after": "0"}) as response:
