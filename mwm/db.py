@@ -392,6 +392,14 @@ class Database:
             ),
         )
 
+    def _job_event(self, conn: sqlite3.Connection, job_id: int, kind: str, message: str, ts: float) -> None:
+        """An event about a job, carrying its application and correlation id."""
+        row = conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None
+        self._event(
+            conn, kind, message, app_id=row["app_id"], job_id=job_id, correlation_id=row["correlation_id"], ts=ts
+        )
+
     # -- instances and buckets -------------------------------------------------------------
 
     async def record_instances(self, items: Sequence[NewInstance], now: float) -> list[RecordOutcome]:
@@ -743,17 +751,7 @@ class Database:
             cur = conn.execute(sql, (to_state, now, *fields.values(), job_id, *from_states))
             if cur.rowcount == 0:
                 return False
-            row = conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            assert row is not None
-            self._event(
-                conn,
-                f"job.{to_state}",
-                message or f"job {job_id} {to_state}",
-                app_id=row["app_id"],
-                job_id=job_id,
-                correlation_id=row["correlation_id"],
-                ts=now,
-            )
+            self._job_event(conn, job_id, f"job.{to_state}", message or f"job {job_id} {to_state}", now)
             return True
 
         return await self._write(tx)
@@ -834,17 +832,7 @@ class Database:
                         " created_at, updated_at) VALUES (?, ?, ?, 'pending', ?, ?, ?)",
                         (result_id, job_id, sink_id, now, now, now),
                     )
-            job = conn.execute("SELECT app_id, correlation_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            assert job is not None
-            self._event(
-                conn,
-                "job.succeeded",
-                f"job {job_id} succeeded with {len(results)} results",
-                app_id=job["app_id"],
-                job_id=job_id,
-                correlation_id=job["correlation_id"],
-                ts=now,
-            )
+            self._job_event(conn, job_id, "job.succeeded", f"job {job_id} succeeded with {len(results)} results", now)
             return True
 
         return await self._write(tx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -22,8 +23,12 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A configuration on the embedded defaults, in ``tmp_path``, listening on an ephemeral port."""
     config: dict[str, Any] = {
         # A small reserve: the suite must pass on a machine with little disk space left.
-        "server": {"http": "127.0.0.1:0", "data_dir": str(tmp_path / "data"), "disk_reserve": "16MB",
-                   "disk_watermark": 99.9},
+        "server": {
+            "http": "127.0.0.1:0",
+            "data_dir": str(tmp_path / "data"),
+            "disk_reserve": "16MB",
+            "disk_watermark": 99.9,
+        },
         "storage": {"fsync": True},
         "jobs": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
         "delivery": {"retry_backoff": "100ms", "retry_backoff_max": "1s"},
@@ -34,6 +39,11 @@ def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
         else:
             config[name] = value
     return config
+
+
+def python_app(app_id: str, script: str, **options: Any) -> dict[str, Any]:
+    """An application running a Python snippet (paths from the environment, no -i/-o arguments)."""
+    return {"id": app_id, "command": [sys.executable, "-c", script], "arguments": False, **options}
 
 
 def url_of(service: Service) -> str:

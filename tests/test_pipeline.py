@@ -13,7 +13,7 @@ from typing import Any
 
 import pydicom
 import synthetic
-from support import SAMPLE_APP, base_config, eventually, upload_files, wait_job_state, wait_jobs
+from support import SAMPLE_APP, base_config, eventually, python_app, upload_files, wait_job_state, wait_jobs
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -186,13 +186,7 @@ async def test_a_failing_application_is_retried_then_failed_with_its_log(
     config = base_config(
         tmp_path,
         apps=[
-            {
-                "id": "bad",
-                "command": [sys.executable, "-c", script],
-                "arguments": False,
-                "timeout": "100ms",
-                "max_attempts": 3,
-            }
+            python_app("bad", script, timeout="100ms", max_attempts=3)
         ],
     )
     service = await make_service(config)
@@ -222,7 +216,7 @@ async def test_cancel_kills_the_whole_process_group(tmp_path, make_service, clie
     )
     config = base_config(
         tmp_path,
-        apps=[{"id": "slow", "command": [sys.executable, "-c", script], "arguments": False, "timeout": "100ms"}],
+        apps=[python_app("slow", script, timeout="100ms")],
     )
     service = await make_service(config)
     client = await client_for(service)
@@ -318,13 +312,7 @@ async def test_per_app_parallel_limit(tmp_path, make_service, client_for):
     config = base_config(
         tmp_path,
         apps=[
-            {
-                "id": "one-at-a-time",
-                "command": [sys.executable, "-c", script],
-                "arguments": False,
-                "timeout": "100ms",
-                "max_parallel": 1,
-            }
+            python_app("one-at-a-time", script, timeout="100ms", max_parallel=1)
         ],
     )
     service = await make_service(config)
@@ -455,8 +443,7 @@ async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(tmp_pat
         "time.sleep(600 if n == 0 else 0)\n"
         "(pathlib.Path(os.environ['HOLOSCAN_OUTPUT_PATH']) / 'done.txt').write_text('done')\n"
     )
-    config = base_config(tmp_path, apps=[{"id": "long", "command": [sys.executable, "-c", script],
-                                          "arguments": False, "timeout": "100ms", "sinks": ["pull"]}],
+    config = base_config(tmp_path, apps=[python_app("long", script, timeout="100ms", sinks=["pull"])],
                          sinks=[{"id": "pull", "kind": "pull"}])
     first = await make_service(config)
     client = await client_for(first)
