@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
+from . import part10
 from .errors import InvalidDicom
 from .uids import is_valid_uid
 
@@ -138,13 +140,42 @@ def _parse(stream: BinaryIO, size: int) -> InstanceHeaders:
     return headers
 
 
-def read_headers(source: Path | bytes) -> InstanceHeaders:
+REQUIRED_UIDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
+TEXTS = ("patient_id", "modality", "series_description", "body_part", "study_date", "accession_number")
+
+
+def _from_walk(buf: bytes | memoryview | mmap.mmap) -> InstanceHeaders | None:
+    """The headers by the fast reader, when it is sure of the file and every UID is valid."""
+    found = part10.read_attributes(buf)
+    if found is None or not all(is_valid_uid(found.get(name)) for name in (*REQUIRED_UIDS, "transfer_syntax_uid")):
+        return None
+    return InstanceHeaders(
+        sop_instance_uid=found["sop_instance_uid"],
+        sop_class_uid=found["sop_class_uid"],
+        study_instance_uid=found["study_instance_uid"],
+        series_instance_uid=found["series_instance_uid"],
+        transfer_syntax_uid=found["transfer_syntax_uid"],
+        **{name: found.get(name, "")[:256] for name in TEXTS},
+    )
+
+
+def read_headers(source: Path | bytes | bytearray | memoryview) -> InstanceHeaders:
     """Parse and validate a Part-10 file's headers; raises ``InvalidDicom`` with the reason.
 
-    Blocking: call it from a thread when on the event loop.
+    The fast reader (``mwm.part10``) answers for well-formed files; pydicom decides the rest and
+    words the reasons. Blocking: call it from a thread when on the event loop.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
+        headers = _from_walk(source)
+        if headers is not None:
+            return headers
         data = bytes(source)
         return _parse(io.BytesIO(data), len(data))
     with open(source, "rb") as stream:
-        return _parse(stream, os.fstat(stream.fileno()).st_size)
+        size = os.fstat(stream.fileno()).st_size
+        if size >= part10.PREAMBLE_END:
+            with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                headers = _from_walk(mapped)
+            if headers is not None:
+                return headers
+        return _parse(stream, size)

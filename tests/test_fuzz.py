@@ -6,6 +6,7 @@ import io
 import os
 import random
 import struct
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from support import base_config, post_raw, upload_files
 
 from mwm.errors import InvalidDicom
-from mwm.headers import read_headers
+from mwm.headers import _from_walk, _raw, read_headers
 from mwm.storage import check_key
 from mwm.uids import is_valid_uid
 
@@ -49,12 +50,10 @@ def good_file(tmp_path_factory) -> bytes:
     return study.paths[0].read_bytes()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_header_extraction_never_fails_unexpectedly(good_file: bytes, data) -> None:
-    """Random corruption of a valid file: either valid headers or InvalidDicom, nothing else."""
-    blob = bytearray(good_file)
-    for _ in range(data.draw(st.integers(1, 8))):
+def corrupt(good: bytes, data: st.DataObject, most: int) -> bytearray:
+    """A copy of ``good`` with 1 to ``most`` random flips, cuts, insertions or overwritten lengths."""
+    blob = bytearray(good)
+    for _ in range(data.draw(st.integers(1, most))):
         kind = data.draw(st.sampled_from(["flip", "cut", "insert", "length"]))
         pos = data.draw(st.integers(0, len(blob) - 1))
         if kind == "flip":
@@ -65,6 +64,14 @@ def test_header_extraction_never_fails_unexpectedly(good_file: bytes, data) -> N
             blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=32))
         else:
             blob[pos : pos + 4] = struct.pack("<I", data.draw(st.sampled_from([0, 0xFFFFFFFF, 0x7FFFFFFF, 3])))
+    return blob
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_header_extraction_never_fails_unexpectedly(good_file: bytes, data) -> None:
+    """Random corruption of a valid file: either valid headers or InvalidDicom, nothing else."""
+    blob = corrupt(good_file, data, 8)
     try:
         headers = read_headers(bytes(blob))
     except InvalidDicom as exc:
@@ -176,3 +183,54 @@ async def test_fuzz_run_over_the_upload_endpoint(tmp_path, make_service, client_
 
 def test_pydicom_still_reads_our_good_file(good_file: bytes) -> None:
     assert pydicom.dcmread(io.BytesIO(good_file)).SOPInstanceUID
+
+
+# -- the fast reader agrees with pydicom wherever it answers -----------------------------------------------
+
+SEED_FILES = (
+    "CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "reportsi.dcm", "MR_small_RLE.dcm", "JPEG-lossy.dcm"
+)
+
+
+def _pydicom_headers(blob: bytes) -> dict[str, str] | None:
+    """What pydicom itself reads for the attributes mwm records (None when it cannot read the file)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(blob), defer_size=4096)
+        names = {"sop_instance_uid": "SOPInstanceUID", "sop_class_uid": "SOPClassUID",
+                 "study_instance_uid": "StudyInstanceUID", "series_instance_uid": "SeriesInstanceUID",
+                 "patient_id": "PatientID", "modality": "Modality", "series_description": "SeriesDescription",
+                 "body_part": "BodyPartExamined", "study_date": "StudyDate", "accession_number": "AccessionNumber"}
+        out = {name: (_raw(ds, keyword) or "")[:256] for name, keyword in names.items()}
+        out["transfer_syntax_uid"] = _raw(ds.file_meta, "TransferSyntaxUID")
+        return out
+    except Exception:  # noqa: BLE001 - any failure means pydicom cannot read it
+        return None
+
+
+@pytest.fixture(scope="module", params=["synthetic", *SEED_FILES])
+def seed_file(request, good_file: bytes) -> bytes:
+    if request.param == "synthetic":
+        return good_file
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file(request.param)).read_bytes()
+
+
+def test_fast_reader_reads_every_seed_file(seed_file: bytes) -> None:
+    """Valid files in every common layout (explicit and implicit VR, encapsulated pixel data, an SR
+    with nested sequences of undefined length) are read by the fast path, exactly as pydicom reads them."""
+    fast = _from_walk(seed_file)
+    assert fast is not None
+    assert fast.as_dict() == _pydicom_headers(seed_file)
+    assert read_headers(seed_file) == fast
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fast_reader_never_accepts_what_pydicom_reads_differently(seed_file: bytes, data) -> None:
+    blob = corrupt(seed_file, data, 4)
+    fast = _from_walk(bytes(blob))
+    if fast is not None:
+        assert fast.as_dict() == _pydicom_headers(bytes(blob))
