@@ -1,10 +1,12 @@
-"""Batching of concurrent requests into one operation (group commit), each caller getting its own answer."""
+"""Group commit: concurrent requests batched into one blocking operation, each caller getting its own answer."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from .errors import ShuttingDown
 
@@ -12,44 +14,106 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class Batcher(Generic[Item, Result]):
-    """Runs ``operation`` on everything submitted while the previous run was busy.
+class GroupCommit(Generic[Item, Result]):
+    """Runs the blocking ``operation`` on a worker thread over everything submitted meanwhile.
 
-    One run at a time; its cost (an fsync, a commit) is shared by the batch, so the more callers
-    wait, the larger and cheaper per item each run becomes. ``operation`` returns one result per
-    item, in order; if it raises, every caller of that batch gets the exception.
+    One batch at a time; its fixed cost (a flush, a commit) is shared by the batch, so the more
+    callers wait, the larger and cheaper per item each batch becomes. Batches follow each other on
+    the worker thread without a trip through the event loop in between: the loop only hands items
+    in and receives answers. ``run_on`` queues a callable on the worker thread (for the database,
+    its single writer thread, so other writes take turns between batches). ``operation`` returns
+    one result per item, in order; if it raises, every caller of that batch gets the exception.
+    ``after`` runs on the event loop after each batch.
     """
 
-    def __init__(self, operation: Callable[[list[Item]], Awaitable[Sequence[Result]]], max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        operation: Callable[[list[Item]], Sequence[Result]],
+        run_on: Callable[[Callable[[], None]], Any],
+        *,
+        max_batch: int = 256,
+        after: Callable[[], None] | None = None,
+    ) -> None:
         self._operation = operation
+        self._run_on = run_on
         self._max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue()
+        self._after = after
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, item: Item) -> Result:
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, future))
+        loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        with self._lock:
+            self._pending.append((item, future))
+            schedule = not self._scheduled
+            self._scheduled = True
+        if schedule:
+            self._schedule()
         return await future
 
-    async def run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            pending = [(item, future) for item, future in batch if not future.cancelled()]
-            if not pending:
-                continue
+    def _schedule(self) -> None:
+        try:
+            self._run_on(self._drain)
+        except RuntimeError:  # the worker is shut down
+            with self._lock:
+                abandoned = list(self._pending)
+                self._pending.clear()
+                self._scheduled = False
+            self._answer_threadsafe(abandoned, None, ShuttingDown("mwm is stopping"))
+
+    def _drain(self) -> None:
+        """On the worker thread: one batch, then the next one queued behind other work, if any."""
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self._max_batch))]
+        # A caller that gave up before its batch started is left out (reading a future's state
+        # from another thread is a plain attribute read).
+        batch = [(item, future) for item, future in batch if not future.cancelled()]
+        results: Sequence[Result] | None = None
+        error: BaseException | None = None
+        if batch:
             try:
-                results = await self._operation([item for item, _ in pending])
-            except asyncio.CancelledError:
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(ShuttingDown("mwm is stopping"))
-                raise
+                results = self._operation([item for item, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller must learn of the failure
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(pending, results, strict=True):
+                error = exc
+            self._answer_threadsafe(batch, results, error)
+        with self._lock:
+            again = bool(self._pending)
+            if not again:
+                self._scheduled = False
+        if again:
+            self._schedule()
+
+    def _answer_threadsafe(
+        self,
+        batch: list[tuple[Item, asyncio.Future[Result]]],
+        results: Sequence[Result] | None,
+        error: BaseException | None,
+    ) -> None:
+        if not batch or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._answer, batch, results, error)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def _answer(
+        self,
+        batch: list[tuple[Item, asyncio.Future[Result]]],
+        results: Sequence[Result] | None,
+        error: BaseException | None,
+    ) -> None:
+        if error is None and (results is None or len(results) != len(batch)):
+            error = RuntimeError(f"group commit answered {len(results or ())} results for {len(batch)} items")
+        if error is None and results is not None:
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+        else:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error or ShuttingDown("mwm is stopping"))
+        if self._after is not None and error is None:
+            self._after()

@@ -332,10 +332,10 @@ class Database:
         if self._executor is None:
             raise DatabaseError("the database is closed")
         result = await asyncio.get_running_loop().run_in_executor(self._executor, self._transaction, fn)
-        self._notify()
+        self.notify_change()
         return result
 
-    def _notify(self) -> None:
+    def notify_change(self) -> None:
         """Wake everyone waiting in ``wait_for_change`` (each waiter holds the event it started with)."""
         self._changed.set()
         self._changed = asyncio.Event()
@@ -402,13 +402,29 @@ class Database:
 
     # -- instances and buckets -------------------------------------------------------------
 
-    async def record_instances(self, items: Sequence[NewInstance], now: float) -> list[RecordOutcome]:
-        """Record instances and add them to their buckets, all in one transaction."""
+    def run_on_writer(self, fn: Callable[[], None]) -> None:
+        """Queue a blocking function on the writer thread (for callers that batch writes themselves,
+        such as ingest's group commit); raises ``RuntimeError`` once the database is closing."""
+        if self._executor is None:
+            raise RuntimeError("the database is closed")
+        self._executor.submit(fn)
+
+    def record_instances_blocking(
+        self, items: Sequence[NewInstance], now: float, before: Callable[[], None] | None = None
+    ) -> list[RecordOutcome]:
+        """Record instances and add them to their buckets, all in one transaction. On the writer
+        thread only (``run_on_writer``); call ``notify_change`` on the event loop afterwards.
+
+        ``before`` runs just before the transaction (ingest flushes the stored files there); if it
+        raises, nothing is recorded and the exception propagates.
+        """
+        if before is not None:
+            before()
 
         def tx(conn: sqlite3.Connection) -> list[RecordOutcome]:
             return [self._record_instance(conn, item, now) for item in items]
 
-        return await self._write(tx)
+        return self._transaction(tx)
 
     def _record_instance(self, conn: sqlite3.Connection, item: NewInstance, now: float) -> RecordOutcome:
         h = item.headers

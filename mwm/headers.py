@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,7 +44,7 @@ class InstanceHeaders:
     accession_number: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)  # every field is a str: no need for asdict's deep copy
 
 
 def _raw(ds: Dataset, keyword: str) -> str | None:
@@ -159,13 +159,13 @@ def _from_walk(buf: bytes | memoryview | mmap.mmap) -> InstanceHeaders | None:
     )
 
 
-def read_headers(source: Path | bytes | bytearray | memoryview) -> InstanceHeaders:
+def read_headers(source: Path | bytes | bytearray | memoryview | mmap.mmap) -> InstanceHeaders:
     """Parse and validate a Part-10 file's headers; raises ``InvalidDicom`` with the reason.
 
     The fast reader (``mwm.part10``) answers for well-formed files; pydicom decides the rest and
     words the reasons. Blocking: call it from a thread when on the event loop.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):
         headers = _from_walk(source)
         if headers is not None:
             return headers

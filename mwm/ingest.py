@@ -7,8 +7,12 @@ parse headers → store bytes durably → record the instance and its buckets in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import itertools
 import logging
+import mmap
+import os
 import secrets
 import time
 import uuid
@@ -19,7 +23,7 @@ from typing import Any
 
 from . import faults
 from .apps import AppRegistry
-from .batching import Batcher
+from .batching import GroupCommit
 from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
 from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError, StorageFull
@@ -30,6 +34,7 @@ from .storage import Storage, key
 log = logging.getLogger(__name__)
 
 SPILL_THRESHOLD = 8 << 20  # parts larger than this go to disk while they arrive
+LOOP_WRITE_LIMIT = 2 << 20  # parts up to this size are parsed and written on the event loop
 
 
 @dataclass(frozen=True)
@@ -84,92 +89,82 @@ def instance_key(headers: InstanceHeaders) -> str:
 
 @dataclass
 class Received:
-    """A complete instance in the staging folder, hashed, with its headers (or why it is invalid)."""
+    """A complete instance, hashed, with its headers, or why it cannot be stored.
 
-    path: Path
+    ``storage_key`` is set when the bytes are already in storage (placed from the receiving
+    thread); otherwise they wait in the staging file ``path`` for ``Storage.put_staged``.
+    """
+
+    path: Path | None
     size: int
-    sha256: str
+    sha256: str | None  # None: computed from ``data`` in the group commit, off the event loop
     headers: InstanceHeaders | None
-    error: InvalidDicom | None = None
-    storage_key: str | None = None  # set when the file was already moved into storage
-
-
-def _parse(source: Path | bytes) -> tuple[InstanceHeaders | None, InvalidDicom | None]:
-    try:
-        return read_headers(source), None
-    except InvalidDicom as exc:
-        return None, exc
-
-
-def inspect_file(path: Path, place: Callable[[InstanceHeaders, Path], str | None] | None = None) -> Received:
-    """Hash and parse a staged file (for instances that arrived as files, e.g. over DICOM); with
-    ``place``, a valid one is moved into storage in the same trip to the thread."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    headers, error = _parse(path)
-    key = place(headers, path) if headers is not None and place is not None else None
-    return Received(path, size, digest.hexdigest(), headers, error, key)
+    error: MwmError | None = None
+    data: bytes | None = None
+    storage_key: str | None = None
+    #: Handed to the group commit: from then on its stored bytes are never removed on a failure
+    #: (the commit may have happened even if its answer was lost).
+    submitted: bool = False
 
 
 class Spool:
     """Receives one instance's bytes: in memory while small, spilled to a staging file when large.
 
-    ``finish`` leaves a complete file in the staging folder and, in the same trip to a worker
-    thread, hashes it and parses its headers (from memory when it was not spilled).
+    ``finish`` hands the instance to ``Ingestor.receive_bytes`` (or ``receive_file`` when it was
+    spilled) in one trip to a worker thread: hash, parse, and store under its own key.
     """
 
-    def __init__(
-        self, staging_dir: Path, max_size: int, place: Callable[[InstanceHeaders, Path], str | None] | None = None
-    ) -> None:
-        self.path = staging_dir / f"{uuid.uuid4().hex}.dcm"
-        self._place = place
+    def __init__(self, ingestor: Ingestor, max_size: int) -> None:
+        self._ingestor = ingestor
         self.max_size = max_size
         self.size = 0
-        self._buffer = bytearray()
+        self._chunks: list[bytes] = []
         self._file: Any = None
+        self.path: Path | None = None
         self._digest = hashlib.sha256()
 
     async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.max_size:
             raise PayloadTooLarge(f"instance larger than the limit of {self.max_size} bytes")
-        self._buffer += chunk
-        if len(self._buffer) >= SPILL_THRESHOLD:
-            await self._flush()
+        self._chunks.append(chunk)
+        if self.size > SPILL_THRESHOLD:
+            chunks, self._chunks = self._chunks, []
+            await asyncio.to_thread(self._spill, chunks)
 
-    def _write_out(self, data: bytes) -> None:
+    def _spill(self, chunks: list[bytes]) -> None:
         if self._file is None:
+            self.path = self._ingestor.staging_name()
             self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
-        self._file.write(data)
-        self._digest.update(data)
-
-    async def _flush(self) -> None:
-        data, self._buffer = bytes(self._buffer), bytearray()
-        await asyncio.to_thread(self._write_out, data)
+        for chunk in chunks:
+            self._file.write(chunk)
+            self._digest.update(chunk)
 
     async def finish(self) -> Received:
-        spilled = self._file is not None
-        data, self._buffer = bytes(self._buffer), bytearray()
+        chunks, self._chunks = self._chunks, []
+        if self._file is None:
+            if self.size <= LOOP_WRITE_LIMIT and self._ingestor.storage.places_files:
+                # Small enough to parse and write on the event loop: a page-cache write of this
+                # size takes less than a trip to a worker thread and back.
+                return self._ingestor.receive_bytes(chunks, self.size, hash_later=True)
+            return await asyncio.to_thread(self._ingestor.receive_bytes, chunks, self.size)
 
         def close() -> Received:
-            self._write_out(data)
+            self._spill(chunks)
             self._file.close()
-            headers, error = _parse(self.path if spilled else data)
-            # A valid instance goes straight into storage in the same trip to the thread.
-            key = self._place(headers, self.path) if headers is not None and self._place else None
-            return Received(self.path, self.size, self._digest.hexdigest(), headers, error, key)
+            assert self.path is not None
+            return self._ingestor.receive_file(self.path, self._digest.hexdigest())
 
         return await asyncio.to_thread(close)
 
     async def discard(self) -> None:
+        if self._file is None:
+            return
+
         def remove() -> None:
-            if self._file is not None:
-                self._file.close()
-            self.path.unlink(missing_ok=True)
+            self._file.close()
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
 
         await asyncio.to_thread(remove)
 
@@ -196,18 +191,28 @@ class Ingestor:
         self.max_instance_size = max_instance_size
         # Group commit: the stored files' names are made durable together, then their rows are
         # committed together, one batch at a time.
-        self.committer: Batcher[NewInstance, RecordOutcome] = Batcher(self._record)
+        self.committer: GroupCommit[tuple[NewInstance, bytes | None], RecordOutcome] = GroupCommit(
+            self._record, db.run_on_writer, after=db.notify_change
+        )
         self._on_buckets = on_buckets
         self._metrics = metrics
         self._known_aets = known_aets
         self._in_flight: dict[str, asyncio.Lock] = {}
+        self._staging_prefix = secrets.token_hex(4)
+        self._staging_numbers = itertools.count(1)
         self.accepting = True
         #: Why new instances are refused (disk pressure), or None.
         self.pressure: str | None = None
 
-    async def _record(self, items: list[NewInstance]) -> list[RecordOutcome]:
-        await self.storage.sync([item.storage_key for item in items])
-        return await self.db.record_instances(items, time.time())
+    def _record(self, batch: list[tuple[NewInstance, bytes | None]]) -> list[RecordOutcome]:
+        """One group commit, on the database's writer thread: hash what was received on the event
+        loop, make the stored files durable, then record them all in one transaction."""
+        items = [
+            item if data is None else dataclasses.replace(item, sha256=hashlib.sha256(data).hexdigest())
+            for item, data in batch
+        ]
+        keys = [item.storage_key for item in items]
+        return self.db.record_instances_blocking(items, time.time(), before=lambda: self.storage.sync_blocking(keys))
 
     def prepare(self) -> None:
         """Create the staging folder and remove what a crash left in it (never acknowledged)."""
@@ -216,16 +221,82 @@ class Ingestor:
             if leftover.is_file():
                 leftover.unlink()
 
-    def spool(self) -> Spool:
-        return Spool(self.staging_dir, self.max_instance_size, self._place)
+    def staging_name(self) -> Path:
+        """A new file name in the staging folder (emptied at every start, so a counter is unique)."""
+        return self.staging_dir / f"{self._staging_prefix}-{next(self._staging_numbers)}.dcm"
 
-    def _place(self, headers: InstanceHeaders, path: Path) -> str | None:
-        """Move a parsed instance into storage under its own key, on a worker thread, if the kind can."""
+    def spool(self) -> Spool:
+        return Spool(self, self.max_instance_size)
+
+    def _refusal(self) -> MwmError | None:
+        if not self.accepting:
+            return ShuttingDown("mwm is stopping and accepts no new instances")
+        if self.pressure is not None:
+            return StorageFull("disk pressure: new instances are refused", self.pressure)
+        return None
+
+    # -- on the receiving (worker) thread: hash, parse, place ---------------------------------------
+
+    def receive_bytes(self, chunks: Sequence[bytes], size: int, hash_later: bool = False) -> Received:
+        """An instance received into memory: hashed, parsed and, when valid, stored under its own
+        key by the storage kind if it can do so on this thread (else written to staging); with
+        ``hash_later`` the bytes are kept and hashed in the group commit instead. Blocking."""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        sha256 = None if hash_later else hashlib.sha256(data).hexdigest()
+        try:
+            headers = read_headers(data)
+        except InvalidDicom as exc:
+            return Received(None, size, sha256, None, exc)
+        refusal = self._refusal()
+        if refusal is not None:
+            return Received(None, size, sha256, headers, refusal)
         storage_key = instance_key(headers)
         try:
-            return storage_key if self.storage.place_blocking(storage_key, path) else None
-        except MwmError:
-            return None  # put_staged will try again and report the error
+            if self.storage.place_blocking(storage_key, data):
+                return Received(None, size, sha256, headers, storage_key=storage_key, data=data if hash_later else None)
+            path = self.staging_name()
+            path.write_bytes(data)
+            if sha256 is None:
+                sha256 = hashlib.sha256(data).hexdigest()
+        except MwmError as exc:
+            return Received(None, size, sha256, headers, exc)
+        except OSError as exc:
+            return Received(None, size, sha256, headers, StorageError("cannot stage the received instance", str(exc)))
+        return Received(path, size, sha256, headers)
+
+    def receive_file(self, path: Path, sha256: str | None = None) -> Received:
+        """An instance received into the staging file ``path`` (hashed already when ``sha256`` is
+        given): parsed and, when valid, moved into storage if the kind can do so on this thread.
+        The file is either moved, or still at ``path`` for the caller to remove. Blocking."""
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    source: Any = b""
+                    mapped = None
+                else:
+                    mapped = source = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                try:
+                    if sha256 is None:
+                        sha256 = hashlib.sha256(source).hexdigest()
+                    headers = read_headers(source)
+                except InvalidDicom as exc:
+                    return Received(path, size, sha256 or "", None, exc)
+                finally:
+                    if mapped is not None:
+                        mapped.close()
+        except OSError as exc:
+            return Received(path, 0, "", None, StorageError("cannot read the received instance", str(exc)))
+        refusal = self._refusal()
+        if refusal is not None:
+            return Received(path, size, sha256, headers, refusal)
+        storage_key = instance_key(headers)
+        try:
+            if self.storage.place_blocking(storage_key, path):
+                return Received(None, size, sha256, headers, storage_key=storage_key)
+        except MwmError as exc:
+            return Received(path, size, sha256, headers, exc)
+        return Received(path, size, sha256, headers)
 
     def check_apps(self, app_ids: Sequence[str]) -> None:
         for app_id in app_ids:
@@ -233,7 +304,8 @@ class Ingestor:
                 raise NotFound(f"no application {app_id!r}", "the app parameter names an unknown application")
 
     async def ingest_file(self, staged: Path | Received, origin: Origin) -> Outcome:
-        """Ingest a complete file from the staging folder; the file is consumed either way."""
+        """Ingest a received instance (or a complete file in the staging folder); its staging file,
+        if any, is consumed either way."""
         outcome = await self._ingest_counted(staged, origin)
         called = origin.called_aet if origin.called_aet in self._known_aets() else "other"
         self._metrics.instances_received.labels(origin.source, called, outcome.status).inc()
@@ -242,8 +314,15 @@ class Ingestor:
         return outcome
 
     async def _ingest_counted(self, staged: Path | Received, origin: Origin) -> Outcome:
+        received = staged if isinstance(staged, Received) else None
+        recorded = False
         try:
-            return await self._ingest(staged, origin)
+            if received is None:
+                assert isinstance(staged, Path)
+                received = await asyncio.to_thread(self.receive_file, staged)
+            outcome = await self._ingest(received, origin)
+            recorded = True
+            return outcome
         except MwmError as exc:
             status = "rejected" if isinstance(exc, (InvalidDicom, PayloadTooLarge, NotFound)) else "failed"
             if status == "failed":
@@ -261,21 +340,26 @@ class Ingestor:
                 dicom_status=exc.dicom_status,
             )
         finally:
-            path = staged.path if isinstance(staged, Received) else staged
-            await asyncio.to_thread(path.unlink, True)
+            await self._clean_up(staged, received, recorded)
 
-    async def _ingest(self, staged: Path | Received, origin: Origin) -> Outcome:
-        if not self.accepting:
-            raise ShuttingDown("mwm is stopping and accepts no new instances")
-        if self.pressure is not None:
-            raise StorageFull("disk pressure: new instances are refused", self.pressure)
-        if isinstance(staged, Received):
-            received = staged
-        else:
+    async def _clean_up(self, staged: Path | Received, received: Received | None, recorded: bool) -> None:
+        """Remove a staging file left over, and bytes placed in storage for an instance not recorded."""
+        leftover = received.path if received is not None else staged if isinstance(staged, Path) else None
+        placed = received.storage_key if received is not None and not recorded and not received.submitted else None
+        if leftover is None and placed is None:
+            return
+        if leftover is not None:
+            await asyncio.to_thread(leftover.unlink, True)
+        if placed is not None:
             try:
-                received = await asyncio.to_thread(inspect_file, staged, self._place)
-            except OSError as exc:
-                raise StorageError("cannot read the received instance", str(exc)) from exc
+                await self.storage.delete(placed)
+            except MwmError as exc:  # nothing refers to it; retention's sweep finds it later
+                log.warning("could not remove %s after a failed ingest: %s", placed, exc.message)
+
+    async def _ingest(self, received: Received, origin: Origin) -> Outcome:
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
         if received.error is not None:
             raise received.error
         assert received.headers is not None
@@ -295,8 +379,11 @@ class Ingestor:
         size, sha256 = received.size, received.sha256
         storage_key = received.storage_key
         if storage_key is None:
+            assert received.path is not None
             storage_key = instance_key(headers)
             await self.storage.put_staged(storage_key, received.path)
+            received.path = None  # consumed
+            received.storage_key = storage_key
         faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(
@@ -307,18 +394,22 @@ class Ingestor:
             explicit=origin.apps,
         )
         correlation_id = origin.correlation_id or uuid.uuid4().hex
+        received.submitted = True
         record = await self.committer.submit(
-            NewInstance(
-                headers=header_map,
-                source=origin.source,
-                calling_aet=origin.calling_aet,
-                called_aet=origin.called_aet,
-                peer_address=origin.peer_address,
-                correlation_id=correlation_id,
-                storage_key=storage_key,
-                size=size,
-                sha256=sha256,
-                targets=targets,
+            (
+                NewInstance(
+                    headers=header_map,
+                    source=origin.source,
+                    calling_aet=origin.calling_aet,
+                    called_aet=origin.called_aet,
+                    peer_address=origin.peer_address,
+                    correlation_id=correlation_id,
+                    storage_key=storage_key,
+                    size=size,
+                    sha256=sha256 or "",
+                    targets=targets,
+                ),
+                None if sha256 else received.data,
             )
         )
         faults.point("ingest.recorded")

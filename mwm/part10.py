@@ -46,6 +46,8 @@ WANTED = {
     0x00080050: "accession_number",
 }
 
+WANTED_GROUPS = frozenset(tag >> 16 for tag in WANTED)
+
 _TAG = Struct("<HH")
 _SHORT = Struct("<HH2sH")  # group, element, VR, 2-byte length
 _LONG_LENGTH = Struct("<L")
@@ -173,16 +175,44 @@ def _read(buf: bytes | memoryview, end: int) -> dict[str, str] | None:
     explicit = transfer_syntax != IMPLICIT_VR_LITTLE_ENDIAN
     if pos == end:
         return None  # no data set at all: let pydicom word the answer
+    # The top level, inlined (one pass over ~100 elements is most of the cost); sequences and
+    # encapsulated pixel data of undefined length go through _skip_value.
+    wanted = WANTED
+    groups = WANTED_GROUPS
+    long_vrs = LONG_VRS
+    valid_vrs = VALID_VRS
+    unpack_long = _LONG_LENGTH.unpack_from
+    unpack = _SHORT.unpack_from if explicit else _IMPLICIT.unpack_from
     while pos < end:
-        tag, start, length, sequence = _element(buf, pos, end, explicit)
-        if tag >> 16 == 0xFFFE or tag >> 16 == 0x0002:
-            return None  # a delimiter or meta element in the data set: not well-formed here
-        name = WANTED.get(tag)
-        if name is not None:
-            if length > MAX_VALUE or start + length > end:
+        if pos + 8 > end:
+            return None
+        if explicit:
+            group, elem, vr, length = unpack(buf, pos)
+            if vr in long_vrs:
+                if pos + 12 > end:
+                    return None
+                (length,) = unpack_long(buf, pos + 8)
+                start = pos + 12
+            elif vr in valid_vrs:
+                start = pos + 8
+            else:
                 return None
-            found[name] = _text(buf[start : start + length])
-        pos = _skip_value(buf, tag, start, length, sequence, end, explicit, 0)
-    if pos != end:
-        return None
+        else:
+            group, elem, length = unpack(buf, pos)
+            vr = b""
+            start = pos + 8
+        if group == 0xFFFE or group == 0x0002:
+            return None  # a delimiter or meta element in the data set: not well-formed here
+        if length == UNDEFINED:
+            pos = _skip_value(buf, group << 16 | elem, start, length, vr == b"SQ", end, explicit, 0)
+            continue
+        pos = start + length
+        if pos > end:
+            return None
+        if group in groups:
+            name = wanted.get(group << 16 | elem)
+            if name is not None:
+                if length > MAX_VALUE:
+                    return None
+                found[name] = _text(buf[start:pos])
     return found

@@ -7,6 +7,7 @@ sees text from outside as a name.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -56,6 +57,9 @@ class Storage(ABC):
     """
 
     kind: ClassVar[str]
+    #: True when ``place_blocking`` stores on this machine's disk (cheap enough for the event loop
+    #: with small instances); False when it cannot place at all.
+    places_files: ClassVar[bool] = False
     #: A frozen dataclass of the kind's options, built with ``mwm.options.build``.
     Options: ClassVar[type[Any]]
 
@@ -81,13 +85,20 @@ class Storage(ABC):
         """
         await self.put_file(key, source, move=True)
 
-    def place_blocking(self, key: str, source: Path) -> bool:
+    def place_blocking(self, key: str, source: Path | bytes) -> bool:
         """``put_staged`` done on the caller's (worker) thread, for kinds that keep files on this
-        machine; False when the kind cannot (then ``put_staged`` is used). Blocking."""
+        machine: ``source`` is a received file to move, or the received bytes to write. False when
+        the kind cannot (then ``put_staged`` is used). Blocking."""
         return False
 
+    def sync_blocking(self, keys: Sequence[str]) -> None:
+        """Make the objects stored with ``put_staged`` or ``place_blocking`` under ``keys`` durable
+        (default: nothing to do, ``put_staged`` was durable on return). Blocking."""
+
     async def sync(self, keys: Sequence[str]) -> None:
-        """Make the objects stored with ``put_staged`` under ``keys`` durable (default: nothing to do)."""
+        """``sync_blocking`` on a worker thread."""
+        if keys:
+            await asyncio.to_thread(self.sync_blocking, keys)
 
     @abstractmethod
     async def put_bytes(self, key: str, data: bytes) -> None:
