@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import hashlib
 import io
 import ipaddress
 import logging
@@ -93,7 +94,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from .errors import ConfigError
-from .ingest import Origin, Outcome
+from .ingest import Origin, Outcome, Received
 
 if TYPE_CHECKING:
     from .apps import AppRegistry
@@ -360,6 +361,8 @@ class _StagedDataSet(io.BytesIO):
         self.size = 0
         self.error: str | None = None
         self.error_status = STATUS_OUT_OF_RESOURCES
+        # Hashed as it arrives, on the thread reading the network, so nothing is left to read back.
+        self._digest = hashlib.sha256()
 
     def _start(self) -> None:
         self._started = True
@@ -388,6 +391,7 @@ class _StagedDataSet(io.BytesIO):
         try:
             self._file = open(self.path, "wb", buffering=_STAGING_BUFFER)  # noqa: SIM115 - closed in finish/discard
             self._file.write(meta)
+            self._digest.update(meta)
         except OSError as exc:
             self._fail(f"cannot write the received instance: {exc.strerror or exc}")
 
@@ -404,6 +408,7 @@ class _StagedDataSet(io.BytesIO):
             else:
                 try:
                     self._file.write(data)
+                    self._digest.update(data)
                 except OSError as exc:
                     self._fail(f"cannot write the received instance: {exc.strerror or exc}")
         return count
@@ -417,6 +422,10 @@ class _StagedDataSet(io.BytesIO):
         assert self.path is not None and self._file is not None
         self._file.close()
         return self.path
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
 
     def discard(self) -> None:
         """Close and remove the file (an aborted transfer, a refused or failed instance)."""
@@ -910,8 +919,10 @@ class DicomServer:
                 except OSError as exc:
                     log.error("C-STORE from %s: cannot stage the received instance: %s", origin.calling_aet, exc)
                     return self._status(STATUS_OUT_OF_RESOURCES, "cannot write the received instance")
-                received = None  # ingest_file consumes the staged file whatever happens
-                return self._answer(self._ingest(staged, origin))
+                sha256 = received.sha256 if received is not None else None
+                received = None  # from here the staged file is ingest's, whatever happens
+                # Parsed and placed on this (the association's) thread; the event loop only records it.
+                return self._answer(self._ingest(self.ingestor.receive_file(staged, sha256), origin))
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -963,13 +974,17 @@ class DicomServer:
             raise
         return staged
 
-    def _ingest(self, staged: Path, origin: Origin) -> Outcome:
+    def _ingest(self, staged: Received, origin: Origin) -> Outcome:
         loop = self._loop
         try:
             assert loop is not None
             future = asyncio.run_coroutine_threadsafe(self.ingestor.ingest_file(staged, origin), loop)
         except RuntimeError:  # the event loop is closed
-            staged.unlink(missing_ok=True)
+            if staged.path is not None:
+                staged.path.unlink(missing_ok=True)
+            placed = self.ingestor.storage.local_path(staged.storage_key) if staged.storage_key else None
+            if placed is not None:
+                placed.unlink(missing_ok=True)
             return Outcome(status="failed", reason="mwm is stopping", dicom_status=STATUS_OUT_OF_RESOURCES)
         try:
             return future.result()
