@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ SERVICE_KEY: web.AppKey[Service] = web.AppKey("service")
 ROLE_KEY: web.RequestKey[str] = web.RequestKey("role", str)
 PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
 CHUNK = 1 << 20
-PARALLEL_PARTS = 4
+PARALLEL_PARTS = 16
 KEEPALIVE_SECONDS = 15.0
 MAX_ID = 2**62  # ids are SQLite integers
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -306,7 +307,7 @@ def _origin(request: web.Request) -> Origin:
         calling_aet=calling,
         called_aet=called,
         peer_address=peer,
-        correlation_id=correlation,
+        correlation_id=correlation or uuid.uuid4().hex,  # one upload without one: one id for all of it
         apps=apps,
     )
 

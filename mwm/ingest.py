@@ -76,14 +76,19 @@ class Outcome:
         return self.status in ("stored", "duplicate")
 
 
+_KEY_PREFIX = secrets.token_hex(3)  # new at every start
+_key_numbers = itertools.count(1)
+
+
 def instance_key(headers: InstanceHeaders) -> str:
     """Storage key of an instance, from UIDs already validated against the UID grammar.
 
-    A short random part makes every arrival's key its own: a second copy of the same SOP Instance
-    UID can never overwrite the bytes of the first, whatever the timing, so no lookup is needed
-    before storing (the database's unique SOP Instance UID decides which copy is kept).
+    A part unique to this arrival (a random prefix drawn at start-up and a counter) makes every
+    arrival's key its own: a second copy of the same SOP Instance UID can never overwrite the bytes
+    of the first, whatever the timing, so no lookup is needed before storing (the database's
+    unique SOP Instance UID decides which copy is kept).
     """
-    name = f"{headers.sop_instance_uid}.{secrets.token_hex(4)}.dcm"
+    name = f"{headers.sop_instance_uid}.{_KEY_PREFIX}{next(_key_numbers):x}.dcm"
     return key("instances", headers.study_instance_uid, headers.series_instance_uid, name)
 
 

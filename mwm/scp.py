@@ -439,6 +439,15 @@ class _StagedDataSet(io.BytesIO):
             self.path.unlink(missing_ok=True)
 
 
+def _association_correlation_id(assoc: Association) -> str:
+    """One correlation id for everything sent over one association (made at its first C-STORE)."""
+    correlation_id = getattr(assoc, "_mwm_correlation_id", None)
+    if correlation_id is None:
+        correlation_id = uuid.uuid4().hex
+        assoc._mwm_correlation_id = correlation_id  # type: ignore[attr-defined]
+    return str(correlation_id)
+
+
 class _StagingDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider, receiving C-STORE data sets into staging files and encoding
     plain C-STORE responses directly (pydicom takes a third of a millisecond to build one)."""
@@ -913,6 +922,7 @@ class DicomServer:
                     calling_aet=str(assoc.requestor.ae_title).strip(),
                     called_aet=_called_aet(assoc),
                     peer_address=str(assoc.requestor.address),
+                    correlation_id=_association_correlation_id(assoc),
                 )
                 try:
                     staged = self._stage(event, received)

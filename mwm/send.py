@@ -103,26 +103,48 @@ async def send(
             summary.reasons[text] += 1
             summary.examples.setdefault(text, str(path))
 
-    async def worker() -> None:
-        while not queue.empty():
-            batch = queue.get_nowait()
-            parts = await asyncio.to_thread(read_all, batch)
-            try:
-                _status, answer = await client.upload(parts, params=params, headers=headers)
-                outcomes = answer.get("instances", [])
-                if len(outcomes) != len(batch):
-                    message = answer.get("message") or f"the service answered for {len(outcomes)} of {len(batch)}"
-                    for path in batch:
-                        record(path, "failed", message)
-                else:
-                    for path, outcome in zip(batch, outcomes, strict=True):
-                        record(path, outcome.get("status", "failed"), outcome.get("reason"))
-            except ClientError as exc:
+    def next_batch() -> asyncio.Task[tuple[list[Path], list[bytes]]] | None:
+        """Start reading the next batch's files (on a worker thread), or None when none is left."""
+        if queue.empty():
+            return None
+        batch = queue.get_nowait()
+
+        async def read() -> tuple[list[Path], list[bytes]]:
+            return batch, await asyncio.to_thread(read_all, batch)
+
+        return asyncio.ensure_future(read())
+
+    async def upload(batch: list[Path], parts: list[bytes]) -> None:
+        try:
+            _status, answer = await client.upload(parts, params=params, headers=headers)
+            outcomes = answer.get("instances", [])
+            if len(outcomes) != len(batch):
+                message = answer.get("message") or f"the service answered for {len(outcomes)} of {len(batch)}"
                 for path in batch:
-                    record(path, "failed", exc.message)
-            summary.sent_bytes += sum(len(p) for p in parts)
-            if on_progress is not None:
-                on_progress(len(batch), sum(len(p) for p in parts))
+                    record(path, "failed", message)
+            else:
+                for path, outcome in zip(batch, outcomes, strict=True):
+                    record(path, outcome.get("status", "failed"), outcome.get("reason"))
+        except ClientError as exc:
+            for path in batch:
+                record(path, "failed", exc.message)
+        summary.sent_bytes += sum(len(p) for p in parts)
+        if on_progress is not None:
+            on_progress(len(batch), sum(len(p) for p in parts))
+
+    async def worker() -> None:
+        # Each connection reads its next batch while the current one is on the wire and being
+        # stored, so it sends again as soon as the answer arrives.
+        reading = next_batch()
+        while reading is not None:
+            batch, parts = await reading
+            reading = next_batch()
+            try:
+                await upload(batch, parts)
+            except BaseException:
+                if reading is not None:
+                    reading.cancel()
+                raise
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
     return summary
