@@ -159,3 +159,23 @@ async def test_correlation_header_is_checked(service_and_client, small_study):
             headers={"Content-Type": "application/dicom", "X-Correlation-ID": "x" * 500},
         )
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ('multipart/related; type="application/dicom"; boundary=abc', ("multipart/related", "application/dicom")),
+        ('Multipart/Related;boundary="a;b\\"c";TYPE=application/DICOM', ("multipart/related", "application/DICOM")),
+        ("application/dicom", ("application/dicom", None)),
+        ("multipart/related; boundary=x", ("multipart/related", None)),
+        ("", ("", None)),
+        ("multipart/related; type", ("multipart/related", None)),
+    ],
+)
+def test_upload_content_types_are_read_like_rfc_9110(header: str, expected: tuple[str, str | None]) -> None:
+    from mwm.api import media_type
+
+    kind, parameters = media_type(header)
+    assert (kind, parameters.get("type")) == expected
+    if "a;b" in header:
+        assert parameters["boundary"] == 'a;b"c'

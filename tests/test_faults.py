@@ -234,3 +234,24 @@ async def test_a_locked_database_refuses_then_recovers(tmp_path, make_service, c
     status, answer = await post_raw(client, small_study.paths[0].read_bytes())
     assert status == 200 and answer["stored"] == 1
     assert len((await client.get("/v1/instances"))["instances"]) == 1
+
+
+async def test_bytes_placed_for_an_instance_then_refused_are_removed(tmp_path, make_service, small_study) -> None:
+    """Disk pressure found after an instance was written into storage but before its commit: the
+    instance is refused and its bytes do not stay behind under a key nothing refers to."""
+    from mwm.ingest import Origin
+
+    service = await make_service(base_config(tmp_path))
+    ingestor = service.ingestor
+    data = small_study.paths[0].read_bytes()
+    received = ingestor.receive_bytes([data[:1000], data[1000:]], len(data), hash_later=True)
+    assert received.error is None and received.storage_key is not None
+    placed = service.storage.local_path(received.storage_key)
+    assert placed is not None and placed.read_bytes() == data
+    ingestor.pressure = "1 MiB free, below the reserve"
+    outcome = await ingestor.ingest_file(received, Origin(source="http"))
+    assert outcome.status == "failed" and outcome.http_status == 507 and outcome.dicom_status == 0xA700
+    assert not placed.exists()
+    ingestor.pressure = None
+    again = ingestor.receive_bytes([data], len(data))
+    assert (await ingestor.ingest_file(again, Origin(source="http"))).status == "stored"

@@ -120,3 +120,46 @@ async def test_local_storage_cleans_half_written_files_at_start(tmp_path) -> Non
     await store.open()
     assert list((root / ".tmp").iterdir()) == []
     assert isinstance(store.local_path("a/b"), Path)
+
+
+async def test_placing_stores_the_bytes_or_declines(storage, tmp_path) -> None:
+    """``place_blocking`` either stores (the kinds that keep files here) or declines, never half-does;
+    what it placed is under its key, whole, once ``sync`` has returned."""
+    data = os.urandom(300_000)
+    placed_bytes = await asyncio.to_thread(storage.place_blocking, "placed/from-memory.dcm", data)
+    source = tmp_path / "received.dcm"
+    source.write_bytes(data[::-1])
+    placed_file = await asyncio.to_thread(storage.place_blocking, "placed/from-file.dcm", source)
+    assert placed_bytes == placed_file == storage.places_files
+    await storage.sync(["placed/from-memory.dcm", "placed/from-file.dcm"])
+    if storage.places_files:
+        assert await storage.get_bytes("placed/from-memory.dcm") == data
+        assert await storage.get_bytes("placed/from-file.dcm") == data[::-1]
+        assert not source.exists()  # moved, not copied
+        assert os.listdir(storage.tmp) == []  # type: ignore[attr-defined]
+    else:
+        assert not await storage.exists("placed/from-memory.dcm")
+        assert source.read_bytes() == data[::-1]  # left for put_staged
+
+
+async def test_local_sync_flushes_through_the_file_system_or_each_file(tmp_path, monkeypatch) -> None:
+    import mwm.storage.local as local
+
+    calls: list[str] = []
+    store = LocalStorage(LocalOptions(path=tmp_path / "store"), data_dir=tmp_path)
+    await store.open()
+    store.place_blocking("a/b/one.dcm", b"one")
+    store.place_blocking("a/c/two.dcm", b"two")
+    monkeypatch.setattr(local, "_syncfs", lambda fd: calls.append("syncfs") or 0)
+    store.sync_blocking(["a/b/one.dcm", "a/c/two.dcm"])
+    assert calls == ["syncfs"]  # one flush for the whole batch
+    monkeypatch.setattr(local, "_syncfs", None)
+    monkeypatch.setattr(local, "_fsync_path", lambda path: calls.append(f"file {path.name}"))
+    monkeypatch.setattr(local, "fsync_dir", lambda path: calls.append(f"folder {path.name}"))
+    store.sync_blocking(["a/b/one.dcm", "a/c/two.dcm"])
+    assert calls[1:] == ["file one.dcm", "file two.dcm", "folder b", "folder c"]
+    failing = LocalStorage(LocalOptions(path=tmp_path / "store"), data_dir=tmp_path)
+    monkeypatch.setattr(local, "_syncfs", lambda fd: -1)
+    monkeypatch.setattr(local.ctypes, "get_errno", lambda: 5)
+    with pytest.raises(StorageError, match="storage write failed"):
+        failing.sync_blocking(["a/b/one.dcm"])
