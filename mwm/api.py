@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from .db import DELIVERY_STATES, JOB_STATES
 from .errors import BadRequest, Forbidden, MwmError, NotFound, PayloadTooLarge, Unauthorized
 from .ingest import Origin, Outcome, Received
+from .multipart import ChunkSource, MalformedMultipart, MultipartStream
 from .openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 SERVICE_KEY: web.AppKey[Service] = web.AppKey("service")
 ROLE_KEY: web.RequestKey[str] = web.RequestKey("role", str)
 PUBLIC_PATHS = {"/health", "/v1/openapi.json"}
-CHUNK = 1 << 20
 PARALLEL_PARTS = 16
 KEEPALIVE_SECONDS = 15.0
 MAX_ID = 2**62  # ids are SQLite integers
@@ -327,7 +327,7 @@ async def upload(request: web.Request) -> web.Response:
         if parameters.get("type", "").lower() != "application/dicom":
             raise BadRequest('multipart/related uploads must declare type="application/dicom"')
         with service.upload_in_flight():
-            outcomes = await _upload_multipart(request, origin, limit)
+            outcomes = await _upload_multipart(request, origin, limit, parameters.get("boundary", ""))
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {content_type!r}",
@@ -403,24 +403,27 @@ async def _spool(service: Service, chunks: AsyncIterator[bytes], budget: _Budget
         raise
 
 
-async def _part_chunks(part: BodyPartReader, budget: _Budget | None = None) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK):
-        if budget is not None:
-            budget.take(len(chunk))
-        yield chunk
+async def _received(content: ChunkSource) -> AsyncIterator[bytes]:
+    """A request body as the buffers received (aiohttp's ``iter_chunked`` joins them into new ones)."""
+    while True:
+        data, end_of_http_chunk = await content.readchunk()
+        if data:
+            yield data
+        elif not end_of_http_chunk:
+            return
 
 
 async def _upload_single(request: web.Request, origin: Origin, limit: int) -> Outcome:
     service = service_of(request)
-    staged = await _spool(service, request.content.iter_chunked(CHUNK), _Budget(limit))
+    staged = await _spool(service, _received(request.content), _Budget(limit))
     return await service.ingestor.ingest_file(staged, origin)
 
 
-async def _upload_multipart(request: web.Request, origin: Origin, limit: int) -> list[Outcome]:
+async def _upload_multipart(request: web.Request, origin: Origin, limit: int, boundary: str) -> list[Outcome]:
     service = service_of(request)
     try:
-        reader = await request.multipart()
-    except (ValueError, AssertionError) as exc:
+        stream = MultipartStream(request.content, boundary)
+    except MalformedMultipart as exc:
         raise BadRequest("malformed multipart body", str(exc)) from None
     slots = asyncio.Semaphore(PARALLEL_PARTS)
     tasks: list[asyncio.Task[Outcome]] = []
@@ -433,24 +436,23 @@ async def _upload_multipart(request: web.Request, origin: Origin, limit: int) ->
             slots.release()
 
     try:
-        while True:
-            try:
-                part = await reader.next()
-            except (ValueError, AssertionError, RuntimeError) as exc:
-                raise BadRequest("malformed multipart body", str(exc)) from None
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
+        async for headers in stream.parts():
+            part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+            if part_type.startswith("multipart/"):
                 raise BadRequest("nested multipart bodies are not supported")
-            part_type = part.headers.get("Content-Type", "application/dicom").split(";")[0].strip().lower()
             if part_type != "application/dicom":
-                async for _ in _part_chunks(part, budget):  # read past it; store nothing
-                    pass
+                async for piece in stream.body():  # read past it; store nothing
+                    budget.take(len(piece))
                 tasks.append(asyncio.ensure_future(_rejected(f"unsupported part type {part_type!r}")))
                 continue
-            staged = await _spool(service, _part_chunks(part), budget)
+            staged = await _spool(service, stream.body(), budget)
             await slots.acquire()
             tasks.append(asyncio.create_task(ingest(staged)))
+    except MalformedMultipart as exc:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise BadRequest("malformed multipart body", str(exc)) from None
     except BaseException:
         for task in tasks:
             task.cancel()

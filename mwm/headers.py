@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -140,13 +141,15 @@ def _parse(stream: BinaryIO, size: int) -> InstanceHeaders:
     return headers
 
 
+HEAD_SIZE = 64 << 10  # the beginning of a file read for its element headers when it comes in pieces
 REQUIRED_UIDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
 TEXTS = ("patient_id", "modality", "series_description", "body_part", "study_date", "accession_number")
 
 
-def _from_walk(buf: bytes | memoryview | mmap.mmap) -> InstanceHeaders | None:
-    """The headers by the fast reader, when it is sure of the file and every UID is valid."""
-    found = part10.read_attributes(buf)
+def _from_walk(buf: bytes | memoryview | mmap.mmap, size: int | None = None) -> InstanceHeaders | None:
+    """The headers by the fast reader, when it is sure of the file and every UID is valid
+    (``buf`` may be only the beginning of a file of ``size`` bytes)."""
+    found = part10.read_attributes(buf, size)
     if found is None or not all(is_valid_uid(found.get(name)) for name in (*REQUIRED_UIDS, "transfer_syntax_uid")):
         return None
     return InstanceHeaders(
@@ -157,6 +160,24 @@ def _from_walk(buf: bytes | memoryview | mmap.mmap) -> InstanceHeaders | None:
         transfer_syntax_uid=found["transfer_syntax_uid"],
         **{name: found.get(name, "")[:256] for name in TEXTS},
     )
+
+
+def read_headers_in_pieces(pieces: Sequence[bytes | memoryview], size: int) -> InstanceHeaders:
+    """``read_headers`` of a file received in pieces, without joining them when the fast reader
+    finds what it needs in the first ones (it nearly always does: it reads element headers only)."""
+    head: bytes | memoryview = pieces[0] if pieces else b""
+    if len(head) < HEAD_SIZE and len(pieces) > 1:
+        taken, length = [], 0
+        for piece in pieces:
+            taken.append(piece)
+            length += len(piece)
+            if length >= HEAD_SIZE:
+                break
+        head = b"".join(taken)
+    headers = _from_walk(head, size)
+    if headers is not None:
+        return headers
+    return read_headers(b"".join(pieces))
 
 
 def read_headers(source: Path | bytes | bytearray | memoryview | mmap.mmap) -> InstanceHeaders:

@@ -27,7 +27,7 @@ from .batching import GroupCommit
 from .db import Database, NewInstance, RecordOutcome
 from .discovery import discover
 from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError, StorageFull
-from .headers import InstanceHeaders, read_headers
+from .headers import InstanceHeaders, read_headers, read_headers_in_pieces
 from .metrics import Metrics
 from .storage import Storage, key
 
@@ -105,11 +105,21 @@ class Received:
     sha256: str | None  # None: computed from ``data`` in the group commit, off the event loop
     headers: InstanceHeaders | None
     error: MwmError | None = None
-    data: bytes | None = None
+    data: list[Bytes] | None = None  # the received pieces, kept for hashing in the group commit
     storage_key: str | None = None
     #: Handed to the group commit: from then on its stored bytes are never removed on a failure
     #: (the commit may have happened even if its answer was lost).
     submitted: bool = False
+
+
+Bytes = bytes | bytearray | memoryview
+
+
+def _sha256(pieces: Sequence[Bytes]) -> str:
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 class Spool:
@@ -123,12 +133,12 @@ class Spool:
         self._ingestor = ingestor
         self.max_size = max_size
         self.size = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[Bytes] = []
         self._file: Any = None
         self.path: Path | None = None
         self._digest = hashlib.sha256()
 
-    async def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: Bytes) -> None:
         self.size += len(chunk)
         if self.size > self.max_size:
             raise PayloadTooLarge(f"instance larger than the limit of {self.max_size} bytes")
@@ -137,7 +147,7 @@ class Spool:
             chunks, self._chunks = self._chunks, []
             await asyncio.to_thread(self._spill, chunks)
 
-    def _spill(self, chunks: list[bytes]) -> None:
+    def _spill(self, chunks: list[Bytes]) -> None:
         if self._file is None:
             self.path = self._ingestor.staging_name()
             self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
@@ -196,7 +206,7 @@ class Ingestor:
         self.max_instance_size = max_instance_size
         # Group commit: the stored files' names are made durable together, then their rows are
         # committed together, one batch at a time.
-        self.committer: GroupCommit[tuple[NewInstance, bytes | None], RecordOutcome] = GroupCommit(
+        self.committer: GroupCommit[tuple[NewInstance, list[Bytes] | None], RecordOutcome] = GroupCommit(
             self._record, db.run_on_writer, after=db.notify_change
         )
         self._on_buckets = on_buckets
@@ -209,13 +219,10 @@ class Ingestor:
         #: Why new instances are refused (disk pressure), or None.
         self.pressure: str | None = None
 
-    def _record(self, batch: list[tuple[NewInstance, bytes | None]]) -> list[RecordOutcome]:
+    def _record(self, batch: list[tuple[NewInstance, list[Bytes] | None]]) -> list[RecordOutcome]:
         """One group commit, on the database's writer thread: hash what was received on the event
         loop, make the stored files durable, then record them all in one transaction."""
-        items = [
-            item if data is None else dataclasses.replace(item, sha256=hashlib.sha256(data).hexdigest())
-            for item, data in batch
-        ]
+        items = [item if data is None else dataclasses.replace(item, sha256=_sha256(data)) for item, data in batch]
         keys = [item.storage_key for item in items]
         return self.db.record_instances_blocking(items, time.time(), before=lambda: self.storage.sync_blocking(keys))
 
@@ -242,14 +249,14 @@ class Ingestor:
 
     # -- on the receiving (worker) thread: hash, parse, place ---------------------------------------
 
-    def receive_bytes(self, chunks: Sequence[bytes], size: int, hash_later: bool = False) -> Received:
-        """An instance received into memory: hashed, parsed and, when valid, stored under its own
-        key by the storage kind if it can do so on this thread (else written to staging); with
-        ``hash_later`` the bytes are kept and hashed in the group commit instead. Blocking."""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        sha256 = None if hash_later else hashlib.sha256(data).hexdigest()
+    def receive_bytes(self, pieces: Sequence[Bytes], size: int, hash_later: bool = False) -> Received:
+        """An instance received into memory, in pieces (as they came off the network): parsed
+        and, when valid, stored under its own key by the storage kind if it can do so on this
+        thread (else written to staging), without joining the pieces. Hashed here, or with
+        ``hash_later`` in the group commit (the pieces are kept for it). Blocking."""
+        sha256 = None if hash_later else _sha256(pieces)
         try:
-            headers = read_headers(data)
+            headers = read_headers_in_pieces(pieces, size)
         except InvalidDicom as exc:
             return Received(None, size, sha256, None, exc)
         refusal = self._refusal()
@@ -257,12 +264,15 @@ class Ingestor:
             return Received(None, size, sha256, headers, refusal)
         storage_key = instance_key(headers)
         try:
-            if self.storage.place_blocking(storage_key, data):
-                return Received(None, size, sha256, headers, storage_key=storage_key, data=data if hash_later else None)
+            if self.storage.place_blocking(storage_key, pieces):
+                kept = list(pieces) if hash_later else None
+                return Received(None, size, sha256, headers, storage_key=storage_key, data=kept)
             path = self.staging_name()
-            path.write_bytes(data)
+            with open(path, "wb") as staged:
+                for piece in pieces:
+                    staged.write(piece)
             if sha256 is None:
-                sha256 = hashlib.sha256(data).hexdigest()
+                sha256 = _sha256(pieces)
         except MwmError as exc:
             return Received(None, size, sha256, headers, exc)
         except OSError as exc:

@@ -12,6 +12,7 @@ an attribute longer than it reads) makes it answer ``None``, and pydicom decides
 from __future__ import annotations
 
 from struct import Struct
+from typing import Any
 
 PREAMBLE_END = 132  # 128-byte preamble + b"DICM"
 UNDEFINED = 0xFFFFFFFF
@@ -140,29 +141,33 @@ def _text(value: bytes | memoryview) -> str:
     return bytes(value).decode("latin-1").strip("\0 ")
 
 
-def read_attributes(buf: bytes | memoryview) -> dict[str, str] | None:
+def read_attributes(buf: Any, size: int | None = None) -> dict[str, str] | None:
     """The transfer syntax and the ``WANTED`` attributes of a well-formed Part-10 file, or None.
 
-    The answer holds the attributes present (absent ones are left out) and ``transfer_syntax_uid``;
-    values are the raw text without padding. None means: not sure, ask pydicom.
+    ``buf`` holds the file, or only its beginning when ``size`` (the whole file's) is larger: the
+    element headers are then read from the beginning and the values beyond it skipped by their
+    lengths (None when something needed lies beyond it). The answer holds the attributes present
+    (absent ones are left out) and ``transfer_syntax_uid``; values are the raw text without
+    padding. None means: not sure, ask pydicom.
     """
-    end = len(buf)
-    if end < PREAMBLE_END or bytes(buf[128:132]) != b"DICM":
+    avail = len(buf)
+    end = avail if size is None else size
+    if avail < PREAMBLE_END or end < avail or bytes(buf[128:132]) != b"DICM":
         return None
     try:
-        return _read(buf, end)
+        return _read(buf, end, avail)
     except (NotWalked, UnicodeDecodeError):
         return None
 
 
-def _read(buf: bytes | memoryview, end: int) -> dict[str, str] | None:
+def _read(buf: Any, end: int, avail: int) -> dict[str, str] | None:
     found: dict[str, str] = {}
     pos = PREAMBLE_END
     transfer_syntax = None
     # File meta information: always explicit VR little endian, group 0002.
-    while pos + 8 <= end and _TAG.unpack_from(buf, pos)[0] == 0x0002:
-        tag, start, length, _ = _element(buf, pos, end, True)
-        if length == UNDEFINED or start + length > end:
+    while pos + 8 <= avail and _TAG.unpack_from(buf, pos)[0] == 0x0002:
+        tag, start, length, _ = _element(buf, pos, avail, True)
+        if length == UNDEFINED or start + length > avail:
             return None
         if tag == TRANSFER_SYNTAX:
             if length > 64 + 1:
@@ -184,12 +189,12 @@ def _read(buf: bytes | memoryview, end: int) -> dict[str, str] | None:
     unpack_long = _LONG_LENGTH.unpack_from
     unpack = _SHORT.unpack_from if explicit else _IMPLICIT.unpack_from
     while pos < end:
-        if pos + 8 > end:
+        if pos + 8 > avail:
             return None
         if explicit:
             group, elem, vr, length = unpack(buf, pos)
             if vr in long_vrs:
-                if pos + 12 > end:
+                if pos + 12 > avail:
                     return None
                 (length,) = unpack_long(buf, pos + 8)
                 start = pos + 12
@@ -203,8 +208,8 @@ def _read(buf: bytes | memoryview, end: int) -> dict[str, str] | None:
             start = pos + 8
         if group == 0xFFFE or group == 0x0002:
             return None  # a delimiter or meta element in the data set: not well-formed here
-        if length == UNDEFINED:
-            pos = _skip_value(buf, group << 16 | elem, start, length, vr == b"SQ", end, explicit, 0)
+        if length == UNDEFINED:  # walked item by item: all of it must be at hand
+            pos = _skip_value(buf, group << 16 | elem, start, length, vr == b"SQ", avail, explicit, 0)
             continue
         pos = start + length
         if pos > end:
@@ -212,7 +217,7 @@ def _read(buf: bytes | memoryview, end: int) -> dict[str, str] | None:
         if group in groups:
             name = wanted.get(group << 16 | elem)
             if name is not None:
-                if length > MAX_VALUE:
+                if length > MAX_VALUE or pos > avail:
                     return None
                 found[name] = _text(buf[start:pos])
     return found

@@ -85,10 +85,13 @@ class Storage(ABC):
         """
         await self.put_file(key, source, move=True)
 
-    def place_blocking(self, key: str, source: Path | bytes) -> bool:
+    def place_blocking(
+        self, key: str, source: Path | bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+    ) -> bool:
         """``put_staged`` done on the caller's (worker) thread, for kinds that keep files on this
-        machine: ``source`` is a received file to move, or the received bytes to write. False when
-        the kind cannot (then ``put_staged`` is used). Blocking."""
+        machine: ``source`` is a received file to move, or the received bytes to write (one buffer,
+        or pieces written one after the other). False when the kind cannot (then ``put_staged`` is
+        used). Blocking."""
         return False
 
     def sync_blocking(self, keys: Sequence[str]) -> None:

@@ -54,6 +54,21 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _start_writeback = _load_sync_file_range()
 
 
+Bytes = bytes | bytearray | memoryview
+IOV_MAX = 1024  # buffers one writev(2) accepts (Linux)
+
+
+def _write_all(fd: int, buffers: list[Bytes]) -> None:
+    """Write the buffers one after the other, in as few system calls as possible (no joining)."""
+    while buffers:
+        written = os.writev(fd, buffers[:IOV_MAX])
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers.pop(0)
+        if written:
+            buffers[0] = memoryview(buffers[0])[written:]
+
+
 def _raise_os_error(exc: OSError, what: str) -> None:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         raise StorageFull("storage is full", f"{what}: {exc.strerror}") from exc
@@ -170,7 +185,7 @@ class LocalStorage(Storage):
             fsync_dir(target.parent)
         return True
 
-    def place_blocking(self, key: str, source: Path | bytes) -> bool:
+    def place_blocking(self, key: str, source: Path | Bytes | Sequence[Bytes]) -> bool:
         """Move the file, or write the bytes, into place under ``key`` without flushing: durable
         once ``sync_blocking`` has returned (the group commit flushes a whole batch at once)."""
         if isinstance(source, Path):
@@ -178,7 +193,7 @@ class LocalStorage(Storage):
         self._write_new(key, source)
         return True
 
-    def _write_new(self, key: str, data: bytes) -> None:
+    def _write_new(self, key: str, data: Bytes | Sequence[Bytes]) -> None:
         """Write ``data`` under a temporary name and rename it into place (unflushed).
 
         On the hot path of ingest: plain string paths, as ``pathlib`` costs more than the writing.
@@ -189,9 +204,7 @@ class LocalStorage(Storage):
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data))
                 if self.fsync and _start_writeback is not None:
                     # Start writing the pages out now; the batch's flush then mostly waits for
                     # writes already under way instead of issuing them all at once.
