@@ -6,6 +6,9 @@ buffered write (no fsync, no parsing, no database) and answers with a JSON body 
 as mwm's. Whatever mwm does on top of this (parse headers, hash, fsync, rename, record in SQLite,
 discover applications, open buckets) is what the benchmark's ratio measures.
 
+With ``--fsync`` it also flushes every file, and the folder once per request, before answering:
+the least a server must add to acknowledge only what is on disk (shown for information).
+
 Run: ``python benchmarks/ceiling_server.py --port 8765 --dir /tmp/ceiling``.
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import BodyPartReader, web
 
@@ -33,9 +38,24 @@ def _answer(count: int) -> web.Response:
     return web.json_response(body, dumps=lambda obj: json.dumps(obj, separators=(",", ":")))
 
 
-def make_app(folder: Path) -> web.Application:
+def _flush(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def make_app(folder: Path, *, flush: bool = False) -> web.Application:
+    """``flush``: each file is flushed to disk (fsync) before the answer, and the folder once per
+    request: the least a server that acknowledges only what is on disk must add."""
     folder.mkdir(parents=True, exist_ok=True)
     names = itertools.count(1)
+
+    def done() -> None:
+        if flush:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -45,6 +65,9 @@ def make_app(folder: Path) -> web.Application:
             with open(folder / f"{next(names):08d}.dcm", "wb") as f:
                 async for chunk in request.content.iter_chunked(CHUNK):
                     f.write(chunk)
+                if flush:
+                    _flush(f)
+            done()
             return _answer(1)
         if request.content_type != "multipart/related":
             return web.json_response({"error": "unsupported_media_type"}, status=415)
@@ -56,7 +79,10 @@ def make_app(folder: Path) -> web.Application:
             with open(folder / f"{next(names):08d}.dcm", "wb") as f:
                 while chunk := await part.read_chunk(CHUNK):
                     f.write(chunk)
+                if flush:
+                    _flush(f)
             count += 1
+        done()
         return _answer(count)
 
     app = web.Application(client_max_size=2 * 2**30)
@@ -70,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dir", type=Path, required=True, help="folder the received parts are written to")
+    parser.add_argument("--fsync", action="store_true", help="flush every file (and the folder) before answering")
     args = parser.parse_args(argv)
-    web.run_app(make_app(args.dir), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(make_app(args.dir, flush=args.fsync), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
 
