@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,11 +25,14 @@ from .errors import DatabaseError
 from .timing import bucket_deadline
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 ACTIVE_JOB_STATES = ("launching", "running", "collecting")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 JOB_STATES = ("scheduled", *ACTIVE_JOB_STATES, *FINAL_JOB_STATES)
 DELIVERY_STATES = ("pending", "delivered", "failed", "skipped")
+CHECKPOINT_INTERVAL = 1.0  # seconds between checkpoints of the write-ahead log, when anything was committed
+CHECKPOINT_RESTART_FRAMES = 20_000  # ~80 MB of log: start it over from the beginning
 
 MIGRATIONS: list[str] = [
     # 1: the initial schema
@@ -238,6 +242,9 @@ class Database:
         self._reader: aiosqlite.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._changed = asyncio.Event()
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_executor: ThreadPoolExecutor | None = None
+        self._commits = 0  # write transactions since the last checkpoint
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -247,6 +254,14 @@ class Database:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # Checkpoints run on their own connection and thread (run_checkpoints), not inside whichever
+        # commit happens to cross the threshold: that commit would wait for the copy and its flush.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        return conn
+
+    def _connect_checkpointer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout, check_same_thread=False)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         return conn
 
     async def _connect_reader(self) -> aiosqlite.Connection:
@@ -264,11 +279,19 @@ class Database:
             self._writer = await loop.run_in_executor(self._executor, self._connect_writer)
             await loop.run_in_executor(self._executor, self._migrate)
             self._reader = await self._connect_reader()
+            self._checkpoint_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mwm-db-checkpoint")
+            self._checkpointer = await loop.run_in_executor(self._checkpoint_executor, self._connect_checkpointer)
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise DatabaseError(f"cannot open the database {self.path}", str(exc)) from exc
 
     async def close(self) -> None:
+        if self._checkpoint_executor is not None:
+            checkpointer = self._checkpointer
+            if checkpointer is not None:
+                await asyncio.get_running_loop().run_in_executor(self._checkpoint_executor, checkpointer.close)
+            self._checkpoint_executor.shutdown(wait=True)
+            self._checkpointer = self._checkpoint_executor = None
         if self._reader is not None:
             await self._reader.close()
         if self._executor is not None:
@@ -277,6 +300,38 @@ class Database:
                 await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
             self._executor.shutdown(wait=True)
         self._reader = self._writer = self._executor = None
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _checkpoint(self, mode: str) -> tuple[int, int, int]:
+        assert self._checkpointer is not None
+        row = self._checkpointer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    async def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Copy committed pages from the write-ahead log into the database file, on the checkpoint
+        thread (writers go on meanwhile); (busy, frames in the log, frames copied)."""
+        if self._checkpoint_executor is None:
+            raise DatabaseError("the database is closed")
+        self._commits = 0
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._checkpoint_executor, self._checkpoint, mode)
+        except sqlite3.Error as exc:
+            raise DatabaseError("checkpoint failed", str(exc)) from exc
+
+    async def run_checkpoints(self, interval: float = CHECKPOINT_INTERVAL) -> None:
+        """Checkpoint every ``interval`` seconds while there are new commits; a log that keeps
+        growing past ``CHECKPOINT_RESTART_FRAMES`` (readers kept it from being reused) is restarted."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._commits == 0:
+                continue
+            try:
+                _, frames, _ = await self.checkpoint("PASSIVE")
+                if frames > CHECKPOINT_RESTART_FRAMES:
+                    await self.checkpoint("RESTART")
+            except DatabaseError as exc:
+                log.warning("database checkpoint: %s (%s)", exc.message, exc.detail)
 
     def _migrate(self) -> None:
         assert self._writer is not None
@@ -336,6 +391,7 @@ class Database:
         return result
 
     def notify_change(self) -> None:
+        self._commits += 1
         """Wake everyone waiting in ``wait_for_change`` (each waiter holds the event it started with)."""
         self._changed.set()
         self._changed = asyncio.Event()

@@ -208,6 +208,7 @@ class Service:
             await asyncio.to_thread(self.ingestor.prepare)
 
             stack.push_async_callback(self._cancel_tasks)
+            self._spawn(self.db.run_checkpoints(), "database-checkpoints")
             self._spawn(self.jobs.run(), "jobs")
             self._spawn(self.delivery.run(), "deliveries")
             await self._check_disk()

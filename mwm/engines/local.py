@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import ConfigError, EngineError
 from . import Engine, EngineStatus, JobContext
@@ -141,11 +141,12 @@ class LocalEngine(Engine):
                 argv += ["-m", str((self.base_dir / options.model_path).absolute())]
         return argv
 
-    async def _prepare(self, ctx: JobContext) -> None:
-        """Fresh input and output folders; the inputs hard-linked (one trip to a thread) or fetched."""
+    async def _prepare(self, ctx: JobContext, header: bytes) -> BinaryIO:
+        """Fresh input and output folders, the inputs hard-linked, and the log opened with ``header``
+        written, in one trip to a thread; inputs that are not on this machine are then fetched."""
         local = [(self.storage.local_path(item.storage_key), item) for item in ctx.inputs]
 
-        def reset_and_link() -> list[Any]:
+        def reset_and_link() -> tuple[list[Any], BinaryIO]:
             for folder in (ctx.input_dir, ctx.output_dir):
                 if folder.exists():
                     shutil.rmtree(folder)
@@ -160,25 +161,34 @@ class LocalEngine(Engine):
                     os.link(path, dest)
                 except OSError:
                     shutil.copyfile(path, dest)
-            return remote
+            log_file = open(ctx.log_path, "ab")  # noqa: SIM115 - the caller closes it
+            try:
+                log_file.write(header)
+                log_file.flush()
+            except OSError:
+                log_file.close()
+                raise
+            return remote, log_file
 
         try:
-            remote = await asyncio.to_thread(reset_and_link)
+            remote, log_file = await asyncio.to_thread(reset_and_link)
         except OSError as exc:
             raise EngineError(f"cannot prepare the input folder: {exc}") from exc
-        for item in remote:
-            await self.storage.fetch(item.storage_key, ctx.input_dir / f"{item.sop_instance_uid}.dcm")
+        try:
+            for item in remote:
+                await self.storage.fetch(item.storage_key, ctx.input_dir / f"{item.sop_instance_uid}.dcm")
+        except BaseException:
+            log_file.close()
+            raise
+        return log_file
 
     async def launch(self, ctx: JobContext) -> str:
         options: LocalOptions = ctx.options
-        await self._prepare(ctx)
         argv = self._argv(ctx, options)
         cwd = (self.base_dir / options.cwd) if options.cwd else self.base_dir
-        log_file = await asyncio.to_thread(open, ctx.log_path, "ab")
+        header = f"--- attempt {ctx.attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {argv!r}\n"
+        log_file = await self._prepare(ctx, header.encode())
         try:
-            header = f"--- attempt {ctx.attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {argv!r}\n"
-            await asyncio.to_thread(log_file.write, header.encode())
-            await asyncio.to_thread(log_file.flush)
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
