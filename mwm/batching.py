@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from .errors import ShuttingDown
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+#: Who waits for an item's result: a task on the event loop, or a blocked thread.
+Waiter = asyncio.Future[Result] | concurrent.futures.Future[Result]
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -39,7 +42,7 @@ class GroupCommit(Generic[Item, Result]):
         self._max_batch = max_batch
         self._after = after
         self._lock = threading.Lock()
-        self._pending: deque[tuple[Item, asyncio.Future[Result]]] = deque()
+        self._pending: deque[tuple[Item, Waiter[Result]]] = deque()
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -53,6 +56,20 @@ class GroupCommit(Generic[Item, Result]):
         if schedule:
             self._schedule()
         return await future
+
+    def submit_blocking(self, item: Item, loop: asyncio.AbstractEventLoop) -> Result:
+        """``submit`` for a caller on another thread (not the event loop's): waits for the batch
+        on the calling thread, without a trip through the loop. ``loop`` runs ``after``."""
+        if self._loop is None:
+            self._loop = loop
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        with self._lock:
+            self._pending.append((item, future))
+            schedule = not self._scheduled
+            self._scheduled = True
+        if schedule:
+            self._schedule()
+        return future.result()
 
     def _schedule(self) -> None:
         try:
@@ -88,32 +105,36 @@ class GroupCommit(Generic[Item, Result]):
 
     def _answer_threadsafe(
         self,
-        batch: list[tuple[Item, asyncio.Future[Result]]],
+        batch: list[tuple[Item, Waiter[Result]]],
         results: Sequence[Result] | None,
         error: BaseException | None,
     ) -> None:
-        if not batch or self._loop is None:
+        """Answer the blocking callers at once (from this thread), the others on the event loop."""
+        if error is None and (results is None or len(results) != len(batch)):
+            error = RuntimeError(f"group commit answered {len(results or ())} results for {len(batch)} items")
+        values: Sequence[Result | None] = results if error is None and results is not None else [None] * len(batch)
+        answers = list(zip(batch, values, strict=True))
+        on_loop = [(waiter, result) for (_, waiter), result in answers if isinstance(waiter, asyncio.Future)]
+        for (_, waiter), result in answers:
+            if isinstance(waiter, concurrent.futures.Future) and not waiter.done():
+                if error is None:
+                    waiter.set_result(cast(Result, result))
+                else:
+                    waiter.set_exception(error)
+        if self._loop is None or (not on_loop and (self._after is None or error is not None)):
             return
         try:
-            self._loop.call_soon_threadsafe(self._answer, batch, results, error)
+            self._loop.call_soon_threadsafe(self._answer, on_loop, error)
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
-    def _answer(
-        self,
-        batch: list[tuple[Item, asyncio.Future[Result]]],
-        results: Sequence[Result] | None,
-        error: BaseException | None,
-    ) -> None:
-        if error is None and (results is None or len(results) != len(batch)):
-            error = RuntimeError(f"group commit answered {len(results or ())} results for {len(batch)} items")
-        if error is None and results is not None:
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-        else:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error or ShuttingDown("mwm is stopping"))
+    def _answer(self, answers: list[tuple[Waiter[Result], Result | None]], error: BaseException | None) -> None:
+        for future, result in answers:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(cast(Result, result))
+            else:
+                future.set_exception(error)
         if self._after is not None and error is None:
             self._after()

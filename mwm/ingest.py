@@ -7,6 +7,7 @@ parse headers → store bytes durably → record the instance and its buckets in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -322,11 +323,29 @@ class Ingestor:
         """Ingest a received instance (or a complete file in the staging folder); its staging file,
         if any, is consumed either way."""
         outcome = await self._ingest_counted(staged, origin)
+        self._count(outcome, origin)
+        return outcome
+
+    def _count(self, outcome: Outcome, origin: Origin) -> None:
         called = origin.called_aet if origin.called_aet in self._known_aets() else "other"
         self._metrics.instances_received.labels(origin.source, called, outcome.status).inc()
         if outcome.status in ("rejected", "failed"):
             self._metrics.rejections.labels(origin.source, outcome.reason or outcome.status).inc()
-        return outcome
+
+    @staticmethod
+    def _failure(exc: MwmError, origin: Origin) -> Outcome:
+        status = "rejected" if isinstance(exc, (InvalidDicom, PayloadTooLarge, NotFound)) else "failed"
+        if status == "failed":
+            log.warning(
+                "instance not stored: %s (%s)", exc.message, exc.detail, extra={"correlation_id": origin.correlation_id}
+            )
+        return Outcome(
+            status=status,
+            reason=exc.message,
+            detail=exc.detail,
+            http_status=exc.http_status,
+            dicom_status=exc.dicom_status,
+        )
 
     async def _ingest_counted(self, staged: Path | Received, origin: Origin) -> Outcome:
         received = staged if isinstance(staged, Received) else None
@@ -339,21 +358,7 @@ class Ingestor:
             recorded = True
             return outcome
         except MwmError as exc:
-            status = "rejected" if isinstance(exc, (InvalidDicom, PayloadTooLarge, NotFound)) else "failed"
-            if status == "failed":
-                log.warning(
-                    "instance not stored: %s (%s)",
-                    exc.message,
-                    exc.detail,
-                    extra={"correlation_id": origin.correlation_id},
-                )
-            return Outcome(
-                status=status,
-                reason=exc.message,
-                detail=exc.detail,
-                http_status=exc.http_status,
-                dicom_status=exc.dicom_status,
-            )
+            return self._failure(exc, origin)
         finally:
             await self._clean_up(staged, received, recorded)
 
@@ -391,14 +396,26 @@ class Ingestor:
     async def _store_and_record(self, received: Received, origin: Origin) -> Outcome:
         headers = received.headers
         assert headers is not None
-        size, sha256 = received.size, received.sha256
-        storage_key = received.storage_key
-        if storage_key is None:
+        if received.storage_key is None:
             assert received.path is not None
             storage_key = instance_key(headers)
             await self.storage.put_staged(storage_key, received.path)
             received.path = None  # consumed
             received.storage_key = storage_key
+        item = self._new_instance(received, origin)
+        received.submitted = True
+        record = await self.committer.submit(item)
+        faults.point("ingest.recorded")
+        if record.duplicate:
+            await self.storage.delete(item[0].storage_key)  # the first copy is the instance; this one goes
+        if record.buckets:
+            self._on_buckets(record.buckets)
+        return self._stored(received, origin, record)
+
+    def _new_instance(self, received: Received, origin: Origin) -> tuple[NewInstance, list[Bytes] | None]:
+        """What the group commit records for a stored instance (and its pieces when still to hash)."""
+        headers = received.headers
+        assert headers is not None and received.storage_key is not None
         faults.point("ingest.stored")
         header_map = headers.as_dict()
         targets = discover(
@@ -408,36 +425,70 @@ class Ingestor:
             called_aet=origin.called_aet,
             explicit=origin.apps,
         )
-        correlation_id = origin.correlation_id or uuid.uuid4().hex
-        received.submitted = True
-        record = await self.committer.submit(
-            (
-                NewInstance(
-                    headers=header_map,
-                    source=origin.source,
-                    calling_aet=origin.calling_aet,
-                    called_aet=origin.called_aet,
-                    peer_address=origin.peer_address,
-                    correlation_id=correlation_id,
-                    storage_key=storage_key,
-                    size=size,
-                    sha256=sha256 or "",
-                    targets=targets,
-                ),
-                None if sha256 else received.data,
-            )
+        instance = NewInstance(
+            headers=header_map,
+            source=origin.source,
+            calling_aet=origin.calling_aet,
+            called_aet=origin.called_aet,
+            peer_address=origin.peer_address,
+            correlation_id=origin.correlation_id or uuid.uuid4().hex,
+            storage_key=received.storage_key,
+            size=received.size,
+            sha256=received.sha256 or "",
+            targets=targets,
         )
-        faults.point("ingest.recorded")
-        if record.duplicate:
-            await self.storage.delete(storage_key)  # the first copy is the instance; this one goes
-        if record.buckets:
-            self._on_buckets(record.buckets)
-            for bucket in record.buckets:
-                self._metrics.instances_routed.labels(bucket["app_id"]).inc()
+        return instance, None if received.sha256 else received.data
+
+    def _stored(self, received: Received, origin: Origin, record: RecordOutcome) -> Outcome:
+        for bucket in record.buckets:
+            self._metrics.instances_routed.labels(bucket["app_id"]).inc()
         if not record.duplicate:
-            self._metrics.received_bytes.labels(origin.source).inc(size)
+            self._metrics.received_bytes.labels(origin.source).inc(received.size)
+        assert received.headers is not None
         return Outcome(
             status="duplicate" if record.duplicate else "stored",
-            sop_instance_uid=headers.sop_instance_uid,
+            sop_instance_uid=received.headers.sop_instance_uid,
             buckets=[{"id": b["id"], "app_id": b["app_id"]} for b in record.buckets],
         )
+
+    # -- from another thread ----------------------------------------------------------------------
+
+    def ingest_blocking(self, received: Received, origin: Origin, loop: asyncio.AbstractEventLoop) -> Outcome:
+        """``ingest_file`` for a receiving thread (the DICOM server's association threads): an
+        instance already placed in storage is recorded through the group commit directly from this
+        thread, without a trip through the event loop; anything else goes through the loop."""
+        if received.error is None and received.storage_key is None:
+            return asyncio.run_coroutine_threadsafe(self.ingest_file(received, origin), loop).result()
+        recorded = False
+        try:
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
+            if received.error is not None:
+                raise received.error
+            faults.point("ingest.parsed")
+            item = self._new_instance(received, origin)
+            received.submitted = True
+            record = self.committer.submit_blocking(item, loop)
+            faults.point("ingest.recorded")
+            recorded = True
+            if record.duplicate:
+                self._remove_placed(item[0].storage_key)
+            if record.buckets:
+                with contextlib.suppress(RuntimeError):  # the loop is closing: its timers are rebuilt at start
+                    loop.call_soon_threadsafe(self._on_buckets, record.buckets)
+            outcome = self._stored(received, origin, record)
+        except MwmError as exc:
+            outcome = self._failure(exc, origin)
+        finally:
+            if received.path is not None:
+                received.path.unlink(missing_ok=True)
+            if received.storage_key is not None and not recorded and not received.submitted:
+                self._remove_placed(received.storage_key)
+        self._count(outcome, origin)
+        return outcome
+
+    def _remove_placed(self, storage_key: str) -> None:
+        path = self.storage.local_path(storage_key)
+        if path is not None:
+            path.unlink(missing_ok=True)

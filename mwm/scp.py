@@ -985,11 +985,10 @@ class DicomServer:
         return staged
 
     def _ingest(self, staged: Received, origin: Origin) -> Outcome:
+        """Record the instance from this (the association's) thread; the event loop only hears of
+        new buckets. Instances that still need the loop (storage kinds that upload) go through it."""
         loop = self._loop
-        try:
-            assert loop is not None
-            future = asyncio.run_coroutine_threadsafe(self.ingestor.ingest_file(staged, origin), loop)
-        except RuntimeError:  # the event loop is closed
+        if loop is None or loop.is_closed():
             if staged.path is not None:
                 staged.path.unlink(missing_ok=True)
             placed = self.ingestor.storage.local_path(staged.storage_key) if staged.storage_key else None
@@ -997,8 +996,8 @@ class DicomServer:
                 placed.unlink(missing_ok=True)
             return Outcome(status="failed", reason="mwm is stopping", dicom_status=STATUS_OUT_OF_RESOURCES)
         try:
-            return future.result()
-        except concurrent.futures.CancelledError:
+            return self.ingestor.ingest_blocking(staged, origin, loop)
+        except (concurrent.futures.CancelledError, RuntimeError):  # the event loop stopped meanwhile
             return Outcome(status="failed", reason="mwm is stopping", dicom_status=STATUS_OUT_OF_RESOURCES)
         except Exception as exc:
             log.exception("C-STORE from %s: ingest raised", origin.calling_aet)

@@ -90,3 +90,38 @@ async def test_a_caller_that_gave_up_is_left_out_of_its_batch(worker) -> None:
     gate.set()
     assert await holding == 1 and await kept == 3
     assert seen == [[1], [3]]
+
+
+async def test_callers_on_other_threads_share_batches_and_are_answered_without_the_loop(worker) -> None:
+    loop = asyncio.get_running_loop()
+    gate = threading.Event()
+    batches: list[list[int]] = []
+    after: list[str] = []
+
+    def operation(items: list[int]) -> list[int]:
+        gate.wait(5)
+        batches.append(items)
+        return [-item for item in items]
+
+    commit = GroupCommit(operation, worker.submit, after=lambda: after.append(threading.current_thread().name))
+    on_loop = asyncio.ensure_future(commit.submit(1))
+    await asyncio.sleep(0.05)  # the first batch holds the worker; the rest queue up behind it
+    threads = [asyncio.ensure_future(asyncio.to_thread(commit.submit_blocking, i, loop)) for i in (2, 3)]
+    also_on_loop = asyncio.ensure_future(commit.submit(4))
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.gather(on_loop, *threads, also_on_loop) == [-1, -2, -3, -4]
+    assert batches[0] == [1] and sorted(batches[1]) == [2, 3, 4]
+    await asyncio.sleep(0.01)
+    assert after == [threading.current_thread().name] * 2  # on the loop, once per batch
+
+
+async def test_a_failed_batch_reaches_callers_on_other_threads(worker) -> None:
+    loop = asyncio.get_running_loop()
+
+    def operation(items: list[int]) -> list[int]:
+        raise ValueError("disk on fire")
+
+    commit = GroupCommit(operation, worker.submit)
+    with pytest.raises(ValueError, match="disk on fire"):
+        await asyncio.to_thread(commit.submit_blocking, 1, loop)

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -471,14 +472,15 @@ async def test_stop_lets_a_c_store_in_progress_finish(tmp_path, make_service, cl
     service = Service(settings_from_mapping(config))
     await service.start()
     entered = asyncio.Event()
-    original = service.ingestor.ingest_file
+    loop = asyncio.get_running_loop()
+    original = service.ingestor.ingest_blocking
 
-    async def slow(*args: Any, **kwargs: Any) -> Any:
-        entered.set()
-        await asyncio.sleep(0.5)
-        return await original(*args, **kwargs)
+    def slow(*args: Any, **kwargs: Any) -> Any:  # on the association's thread
+        loop.call_soon_threadsafe(entered.set)
+        time.sleep(0.5)
+        return original(*args, **kwargs)
 
-    service.ingestor.ingest_file = slow  # type: ignore[method-assign]
+    service.ingestor.ingest_blocking = slow  # type: ignore[method-assign]
     sending = asyncio.create_task(asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:1]))
     await asyncio.wait_for(entered.wait(), 10)
     await service.stop()
