@@ -49,12 +49,7 @@ class GroupCommit(Generic[Item, Result]):
     async def submit(self, item: Item) -> Result:
         loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        with self._lock:
-            self._pending.append((item, future))
-            schedule = not self._scheduled
-            self._scheduled = True
-        if schedule:
-            self._schedule()
+        self._enqueue(item, future)
         return await future
 
     def submit_blocking(self, item: Item, loop: asyncio.AbstractEventLoop) -> Result:
@@ -63,13 +58,16 @@ class GroupCommit(Generic[Item, Result]):
         if self._loop is None:
             self._loop = loop
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        self._enqueue(item, future)
+        return future.result()
+
+    def _enqueue(self, item: Item, waiter: Waiter[Result]) -> None:
         with self._lock:
-            self._pending.append((item, future))
+            self._pending.append((item, waiter))
             schedule = not self._scheduled
             self._scheduled = True
         if schedule:
             self._schedule()
-        return future.result()
 
     def _schedule(self) -> None:
         try:
