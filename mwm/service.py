@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,14 @@ def create_storage(settings: Settings) -> Storage:
         raise ConfigError(f"storage.kind: {exc.message}", exc.detail) from None
     options = build(cls.Options, settings.storage.options, "storage")
     return cls(options, data_dir=settings.data_dir)  # type: ignore[no-any-return]
+
+
+async def _start_every_thread(executor: ThreadPoolExecutor, count: int) -> None:
+    """Start all of a pool's threads now. It starts them one at a time as work arrives otherwise,
+    and ``Thread.start`` waits until the new thread runs: a burst of jobs after a quiet time would
+    spend milliseconds of the event loop's time on that."""
+    barrier = threading.Barrier(count)
+    await asyncio.gather(*(asyncio.wrap_future(executor.submit(barrier.wait, 10.0)) for _ in range(count)))
 
 
 class Service:
@@ -153,10 +162,10 @@ class Service:
     async def _run(self) -> None:
         settings = self.settings
         # Blocking work (file writes and flushes, parsing) runs in threads; flushes of different
-        # files overlap in the file system's journal, so more of them at once costs little.
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mwm-io")
-        )
+        # files overlap on the device, so more of them at once costs little.
+        executor = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="mwm-io")
+        asyncio.get_running_loop().set_default_executor(executor)
+        await _start_every_thread(executor, IO_THREADS)
         async with contextlib.AsyncExitStack() as stack:
             tokens = {t.token: t.role for t in read_tokens(settings.server)}
             self._check_listen_policy(tokens)

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any, BinaryIO
 
 from ..errors import ConfigError, EngineError
-from . import Engine, EngineStatus, JobContext
+from . import Engine, EngineStatus, JobContext, children
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class LocalEngine(Engine):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.base_dir = Path.cwd()
-        self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._processes: dict[str, children.Child] = {}
 
     def _environment(self, ctx: JobContext, options: LocalOptions) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MWM_")}
@@ -189,15 +189,7 @@ class LocalEngine(Engine):
         header = f"--- attempt {ctx.attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {argv!r}\n"
         log_file = await self._prepare(ctx, header.encode())
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=cwd,
-                env=self._environment(ctx, options),
-                start_new_session=True,
-            )
+            process = await children.start(argv, stdout=log_file, cwd=cwd, env=self._environment(ctx, options))
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise EngineError(f"cannot start {argv[0]!r}: {exc.strerror or exc}", retryable=False) from exc
         except OSError as exc:
@@ -278,7 +270,7 @@ class LocalEngine(Engine):
             log.warning("stopping orphaned process group %s", pgid)
             await self._terminate_group(pgid, None)
 
-    async def _terminate_group(self, pgid: int, process: asyncio.subprocess.Process | None) -> None:
+    async def _terminate_group(self, pgid: int, process: children.Child | None) -> None:
         if not _kill_group(pgid, signal.SIGTERM):
             return
         deadline = time.monotonic() + TERMINATE_GRACE
@@ -327,7 +319,9 @@ class LocalEngine(Engine):
         return ctx.output_dir
 
     async def cleanup(self, ctx: JobContext, ref: str) -> None:
-        self._processes.pop(ref, None)
+        process = self._processes.pop(ref, None)
+        if process is not None:
+            process.close()
 
     async def close(self) -> None:
         """Stop every application still running: they are run again after the restart."""
@@ -336,4 +330,6 @@ class LocalEngine(Engine):
         for process in running:
             with contextlib.suppress(TimeoutError, ProcessLookupError):
                 await asyncio.wait_for(process.wait(), TERMINATE_GRACE)
+        for process in self._processes.values():
+            process.close()
         self._processes.clear()
