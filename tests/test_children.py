@@ -52,3 +52,34 @@ async def test_a_killed_child_reports_the_signal(tmp_path: Path, watching: str) 
 async def test_a_missing_program_fails_at_start(tmp_path: Path) -> None:
     with open(tmp_path / "log", "wb") as out, pytest.raises(FileNotFoundError):
         await children.start(["/no/such/program"], stdout=out, cwd=tmp_path, env={})
+
+
+async def test_a_start_given_up_midway_leaves_nothing_running(tmp_path: Path, monkeypatch) -> None:
+    started: list[int] = []
+    real_popen = children.subprocess.Popen
+
+    def slow_popen(*args, **kwargs):
+        import time
+
+        time.sleep(0.3)
+        popen = real_popen(*args, **kwargs)
+        started.append(popen.pid)
+        return popen
+
+    monkeypatch.setattr(children.subprocess, "Popen", slow_popen)
+    with open(tmp_path / "log", "wb") as out:
+        task = asyncio.ensure_future(
+            children.start(["sleep", "30"], stdout=out, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    for _ in range(100):  # the Popen finishes in its thread, then its process is killed and reaped
+        if started:
+            try:
+                os.kill(started[0], 0)
+            except ProcessLookupError:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the process started for a cancelled launch is still there: {started}")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -99,5 +100,24 @@ async def start(
             env=dict(env),
             start_new_session=True,
         )
-    popen = await loop.run_in_executor(None, call)
+    starting = loop.run_in_executor(None, call)
+    try:
+        popen = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # Popen goes on in its thread, using the caller's files: let it finish, then end what it
+        # started, so nothing runs that nobody watches.
+        try:
+            popen = await starting
+        except Exception:  # noqa: BLE001 - it failed to start: nothing to end
+            raise asyncio.CancelledError from None
+        _stop(popen)
+        raise
     return Child(popen, loop)
+
+
+def _stop(popen: subprocess.Popen[bytes]) -> None:
+    """Kill a just-started child's process group and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=5)
