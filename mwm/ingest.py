@@ -481,12 +481,17 @@ class Ingestor:
         except MwmError as exc:
             outcome = self._failure(exc, origin)
         finally:
-            if received.path is not None:
-                received.path.unlink(missing_ok=True)
-            if received.storage_key is not None and not recorded and not received.submitted:
-                self._remove_placed(received.storage_key)
+            self.discard_blocking(received, placed_too=not recorded and not received.submitted)
         self._count(outcome, origin)
         return outcome
+
+    def discard_blocking(self, received: Received, *, placed_too: bool = True) -> None:
+        """Remove a received instance's staging file and (``placed_too``) the bytes placed in
+        storage for it on this machine. Blocking."""
+        if received.path is not None:
+            received.path.unlink(missing_ok=True)
+        if placed_too and received.storage_key is not None:
+            self._remove_placed(received.storage_key)
 
     def _remove_placed(self, storage_key: str) -> None:
         path = self.storage.local_path(storage_key)

@@ -989,11 +989,7 @@ class DicomServer:
         new buckets. Instances that still need the loop (storage kinds that upload) go through it."""
         loop = self._loop
         if loop is None or loop.is_closed():
-            if staged.path is not None:
-                staged.path.unlink(missing_ok=True)
-            placed = self.ingestor.storage.local_path(staged.storage_key) if staged.storage_key else None
-            if placed is not None:
-                placed.unlink(missing_ok=True)
+            self.ingestor.discard_blocking(staged)
             return Outcome(status="failed", reason="mwm is stopping", dicom_status=STATUS_OUT_OF_RESOURCES)
         try:
             return self.ingestor.ingest_blocking(staged, origin, loop)

@@ -7,11 +7,13 @@ import sys
 import time
 
 import pytest
-from support import base_config, eventually, post_raw, upload_files, wait_jobs
+from support import base_config, eventually, post_raw, python_app, upload_files, wait_jobs
 
 from mwm.client import ClientError
 from mwm.errors import StorageError
 from mwm.storage import StorageUsage
+
+WRITE_R = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
 
 
 async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
@@ -21,17 +23,7 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
         tmp_path,
         server={"disk_watermark": 90.0, "disk_reserve": "1MB"},
         apps=[
-            {
-                "id": "ct",
-                "command": [
-                    sys.executable,
-                    "-c",
-                    "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')",
-                ],
-                "arguments": False,
-                "timeout": "1s",
-                "sinks": ["out"],
-            }
+            python_app("ct", WRITE_R, timeout="1s", sinks=["out"])
         ],
         sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}],
     )
@@ -154,18 +146,7 @@ async def test_retention_deletes_only_what_is_no_longer_needed(tmp_path, make_se
         tmp_path,
         retention={"instances_after": "1h", "results_after": "1h"},
         apps=[
-            {
-                "id": "ct",
-                "command": [
-                    sys.executable,
-                    "-c",
-                    "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')",
-                ],
-                "arguments": False,
-                "timeout": "100ms",
-                "sinks": ["pull"],
-                "match": {"series_description": "5mm"},
-            },
+            python_app("ct", WRITE_R, timeout="100ms", sinks=["pull"], match={"series_description": "5mm"}),
             {"id": "slow", "command": ["true"], "timeout": "1h", "match": {"series_description": "1.25mm"}},
         ],
         sinks=[{"id": "pull", "kind": "pull"}],

@@ -124,14 +124,14 @@ async def test_local_storage_cleans_half_written_files_at_start(tmp_path) -> Non
 
 async def test_placing_stores_the_bytes_or_declines(storage, tmp_path) -> None:
     """``place_blocking`` either stores (the kinds that keep files here) or declines, never half-does;
-    what it placed is under its key, whole, once ``sync`` has returned."""
+    what it placed is under its key, whole, once ``sync_blocking`` has returned."""
     data = os.urandom(300_000)
     placed_bytes = await asyncio.to_thread(storage.place_blocking, "placed/from-memory.dcm", data)
     source = tmp_path / "received.dcm"
     source.write_bytes(data[::-1])
     placed_file = await asyncio.to_thread(storage.place_blocking, "placed/from-file.dcm", source)
     assert placed_bytes == placed_file == storage.places_files
-    await storage.sync(["placed/from-memory.dcm", "placed/from-file.dcm"])
+    await asyncio.to_thread(storage.sync_blocking, ["placed/from-memory.dcm", "placed/from-file.dcm"])
     if storage.places_files:
         assert await storage.get_bytes("placed/from-memory.dcm") == data
         assert await storage.get_bytes("placed/from-file.dcm") == data[::-1]

@@ -7,7 +7,6 @@ sees text from outside as a name.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -78,7 +77,7 @@ class Storage(ABC):
         """Store the local file ``source`` under ``key``; with ``move`` the source may be consumed."""
 
     async def put_staged(self, key: str, source: Path) -> None:
-        """Move a received file into place under ``key``; durable once ``sync`` has returned.
+        """Move a received file into place under ``key``; durable once ``sync_blocking`` has returned.
 
         Lets a caller that stores many objects at once (ingest's group commit) make their names
         durable together. The default is ``put_file(move=True)``, durable on return.
@@ -97,11 +96,6 @@ class Storage(ABC):
     def sync_blocking(self, keys: Sequence[str]) -> None:
         """Make the objects stored with ``put_staged`` or ``place_blocking`` under ``keys`` durable
         (default: nothing to do, ``put_staged`` was durable on return). Blocking."""
-
-    async def sync(self, keys: Sequence[str]) -> None:
-        """``sync_blocking`` on a worker thread."""
-        if keys:
-            await asyncio.to_thread(self.sync_blocking, keys)
 
     @abstractmethod
     async def put_bytes(self, key: str, data: bytes) -> None:
