@@ -537,6 +537,16 @@ class _PromptAssociation(Association):
         dul.event_queue = _WakingQueue(self.wake, dul)
         dul.to_user_queue = _UserQueue(self)
         dul._run_loop_delay = 0  # the wait happens in _PromptSocket.ready
+        self._abort_requested = False
+
+    def abort_between_requests(self) -> None:
+        """Abort once the request being served (if any) has queued its response.
+
+        An A-ABORT queued from another thread while a handler is returning would overtake that
+        handler's response: the peer would lose the answer to an instance that mwm stored.
+        """
+        self._abort_requested = True
+        self.dimse.msg_queue.put((None, None))  # wakes the reactor if it is waiting for a request
 
     def run_reactor(self) -> None:
         try:
@@ -562,6 +572,10 @@ class _PromptAssociation(Association):
                 context_id, msg = None, None
             if msg:
                 self._serve_request(msg, cast(int, context_id))
+            if self._abort_requested:
+                self.abort()
+                self.kill()
+                return
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
                 self.is_released = True
@@ -834,9 +848,14 @@ class DicomServer:
     @staticmethod
     def _abort_all(associations: list[Association]) -> None:
         for assoc in associations:
-            assoc.abort(block=False)
+            if isinstance(assoc, _PromptAssociation):
+                assoc.abort_between_requests()
+            else:
+                assoc.abort(block=False)
         for assoc in associations:
             assoc.join(ABORT_GRACE)
+            if assoc.is_alive():  # a handler still busy: cut the connection under it
+                assoc.abort(block=False)
 
     @property
     def associations(self) -> int:

@@ -7,7 +7,7 @@ import hashlib
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,7 @@ async def test_full_disk_answers_out_of_resources_and_records_nothing(
         raise StorageFull("storage is full", "No space left on device")
 
     monkeypatch.setattr(service.storage, "put_file", full)
+
     def full_now(*args: Any, **kwargs: Any) -> bool:
         raise StorageFull("storage is full", "No space left on device")
 
@@ -465,26 +466,61 @@ async def test_a_peer_stalled_mid_pdu_is_cut_off_after_the_network_timeout(tmp_p
         raw.close()
 
 
-async def test_stop_lets_a_c_store_in_progress_finish(tmp_path, make_service, client_for, small_study):
+async def stop_during_a_c_store(
+    config: dict[str, Any],
+    study: Any,
+    make_service: Any,
+    client_for: Any,
+    arm: Callable[[Service, Callable[[], None]], None],
+) -> None:
+    """Send one instance, stop the service at the point ``arm`` marks, and check that the peer
+    was told success and that the instance is there after a restart."""
     from mwm.config import settings_from_mapping
 
-    config = scp_config(tmp_path)
     service = Service(settings_from_mapping(config))
     await service.start()
-    entered = asyncio.Event()
+    reached = asyncio.Event()
     loop = asyncio.get_running_loop()
-    original = service.ingestor.ingest_blocking
-
-    def slow(*args: Any, **kwargs: Any) -> Any:  # on the association's thread
-        loop.call_soon_threadsafe(entered.set)
-        time.sleep(0.5)
-        return original(*args, **kwargs)
-
-    service.ingestor.ingest_blocking = slow  # type: ignore[method-assign]
-    sending = asyncio.create_task(asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:1]))
-    await asyncio.wait_for(entered.wait(), 10)
+    arm(service, lambda: loop.call_soon_threadsafe(reached.set))
+    sending = asyncio.create_task(asyncio.to_thread(c_store, service.dicom_port, study.paths[:1]))
+    await asyncio.wait_for(reached.wait(), 10)
     await service.stop()
     assert await sending == [0x0000]
     restarted = await make_service(config)
     client = await client_for(restarted)
     assert len(await instances(client)) == 1
+
+
+async def test_stop_lets_a_c_store_in_progress_finish(tmp_path, make_service, client_for, small_study):
+    def arm(service: Service, reached: Callable[[], None]) -> None:
+        original = service.ingestor.ingest_blocking
+
+        def slow(*args: Any, **kwargs: Any) -> Any:  # on the association's thread
+            reached()
+            time.sleep(0.5)
+            return original(*args, **kwargs)
+
+        service.ingestor.ingest_blocking = slow  # type: ignore[method-assign]
+
+    await stop_during_a_c_store(scp_config(tmp_path), small_study, make_service, client_for, arm)
+
+
+async def test_stop_never_overtakes_a_response_on_its_way_out(
+    tmp_path, make_service, client_for, small_study, monkeypatch
+):
+    """The handler has returned (the instance is recorded) but its response is not yet queued:
+    stop's abort must wait for it, or the peer never hears that mwm has the instance."""
+    from mwm import scp
+
+    send_msg = scp._StagingDIMSE.send_msg
+
+    def arm(service: Service, reached: Callable[[], None]) -> None:
+        def slow_send(self: Any, primitive: Any, context_id: int) -> None:  # on the association's thread
+            if type(primitive) is C_STORE:
+                reached()
+                time.sleep(0.5)
+            send_msg(self, primitive, context_id)
+
+        monkeypatch.setattr(scp._StagingDIMSE, "send_msg", slow_send)
+
+    await stop_during_a_c_store(scp_config(tmp_path), small_study, make_service, client_for, arm)
