@@ -26,7 +26,6 @@ class GroupCommit(Generic[Item, Result]):
     in and receives answers. ``run_on`` queues a callable on the worker thread (for the database,
     its single writer thread, so other writes take turns between batches). ``operation`` returns
     one result per item, in order; if it raises, every caller of that batch gets the exception.
-    ``after`` runs on the event loop after each batch.
     """
 
     def __init__(
@@ -35,12 +34,10 @@ class GroupCommit(Generic[Item, Result]):
         run_on: Callable[[Callable[[], None]], Any],
         *,
         max_batch: int = 256,
-        after: Callable[[], None] | None = None,
     ) -> None:
         self._operation = operation
         self._run_on = run_on
         self._max_batch = max_batch
-        self._after = after
         self._lock = threading.Lock()
         self._pending: deque[tuple[Item, Waiter[Result]]] = deque()
         self._scheduled = False
@@ -52,11 +49,9 @@ class GroupCommit(Generic[Item, Result]):
         self._enqueue(item, future)
         return await future
 
-    def submit_blocking(self, item: Item, loop: asyncio.AbstractEventLoop) -> Result:
+    def submit_blocking(self, item: Item) -> Result:
         """``submit`` for a caller on another thread (not the event loop's): waits for the batch
-        on the calling thread, without a trip through the loop. ``loop`` runs ``after``."""
-        if self._loop is None:
-            self._loop = loop
+        on the calling thread, without a trip through the loop."""
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         self._enqueue(item, future)
         return future.result()
@@ -119,7 +114,7 @@ class GroupCommit(Generic[Item, Result]):
                     waiter.set_result(cast(Result, result))
                 else:
                     waiter.set_exception(error)
-        if self._loop is None or (not on_loop and (self._after is None or error is not None)):
+        if self._loop is None or not on_loop:
             return
         try:
             self._loop.call_soon_threadsafe(self._answer, on_loop, error)
@@ -134,5 +129,3 @@ class GroupCommit(Generic[Item, Result]):
                 future.set_result(cast(Result, result))
             else:
                 future.set_exception(error)
-        if self._after is not None and error is None:
-            self._after()

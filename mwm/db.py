@@ -9,6 +9,7 @@ cancel from the API, a restart) cannot overwrite each other's decisions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -245,6 +246,8 @@ class Database:
         self._checkpointer: sqlite3.Connection | None = None
         self._checkpoint_executor: ThreadPoolExecutor | None = None
         self._commits = 0  # write transactions since the last checkpoint
+        self._change_waiters = 0  # callers in wait_for_change
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -275,7 +278,7 @@ class Database:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mwm-db-writer")
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
             self._writer = await loop.run_in_executor(self._executor, self._connect_writer)
             await loop.run_in_executor(self._executor, self._migrate)
             self._reader = await self._connect_reader()
@@ -391,17 +394,32 @@ class Database:
         return result
 
     def notify_change(self) -> None:
+        """On the event loop, after a commit: count it and wake everyone in ``wait_for_change``."""
         self._commits += 1
-        """Wake everyone waiting in ``wait_for_change`` (each waiter holds the event it started with)."""
+        self._wake_change_waiters()
+
+    def _committed_on_writer(self) -> None:
+        """On the writer thread, after a commit: count it, and wake ``wait_for_change`` callers,
+        if there are any, through the event loop (left alone otherwise: ingest commits without it)."""
+        self._commits += 1
+        if self._change_waiters and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self._loop.call_soon_threadsafe(self._wake_change_waiters)
+
+    def _wake_change_waiters(self) -> None:
+        # Each waiter holds the event it started with; later waiters get a fresh one.
         self._changed.set()
         self._changed = asyncio.Event()
 
     async def wait_for_change(self, timeout: float) -> bool:
         """Wait until a transaction commits; False when ``timeout`` passed first."""
+        self._change_waiters += 1
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
             return False
+        finally:
+            self._change_waiters -= 1
         return True
 
     async def fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
@@ -469,7 +487,7 @@ class Database:
         self, items: Sequence[NewInstance], now: float, before: Callable[[], None] | None = None
     ) -> list[RecordOutcome]:
         """Record instances and add them to their buckets, all in one transaction. On the writer
-        thread only (``run_on_writer``); call ``notify_change`` on the event loop afterwards.
+        thread only (``run_on_writer``).
 
         ``before`` runs just before the transaction (ingest flushes the stored files there); if it
         raises, nothing is recorded and the exception propagates.
@@ -480,7 +498,9 @@ class Database:
         def tx(conn: sqlite3.Connection) -> list[RecordOutcome]:
             return [self._record_instance(conn, item, now) for item in items]
 
-        return self._transaction(tx)
+        outcomes = self._transaction(tx)
+        self._committed_on_writer()
+        return outcomes
 
     def _record_instance(self, conn: sqlite3.Connection, item: NewInstance, now: float) -> RecordOutcome:
         h = item.headers

@@ -197,6 +197,7 @@ class Ingestor:
         staging_dir: Path,
         max_instance_size: int,
         on_buckets: Callable[[Sequence[dict[str, Any]]], None],
+        deadline_covered: Callable[[int, float], bool],
         metrics: Metrics,
         known_aets: Callable[[], set[str]],
     ) -> None:
@@ -208,9 +209,10 @@ class Ingestor:
         # Group commit: the stored files' names are made durable together, then their rows are
         # committed together, one batch at a time.
         self.committer: GroupCommit[tuple[NewInstance, list[Bytes] | None], RecordOutcome] = GroupCommit(
-            self._record, db.run_on_writer, after=db.notify_change
+            self._record, db.run_on_writer
         )
         self._on_buckets = on_buckets
+        self._deadline_covered = deadline_covered
         self._metrics = metrics
         self._known_aets = known_aets
         self._in_flight: dict[str, asyncio.Lock] = {}
@@ -469,14 +471,17 @@ class Ingestor:
             faults.point("ingest.parsed")
             item = self._new_instance(received, origin)
             received.submitted = True
-            record = self.committer.submit_blocking(item, loop)
+            record = self.committer.submit_blocking(item)
             faults.point("ingest.recorded")
             recorded = True
             if record.duplicate:
                 self._remove_placed(item[0].storage_key)
-            if record.buckets:
+            # The loop hears only of buckets whose deadline timer would not fire in time anyway
+            # (a timer that fires early finds the later deadline in the database and re-arms).
+            uncovered = [b for b in record.buckets if not self._deadline_covered(int(b["id"]), float(b["deadline"]))]
+            if uncovered:
                 with contextlib.suppress(RuntimeError):  # the loop is closing: its timers are rebuilt at start
-                    loop.call_soon_threadsafe(self._on_buckets, record.buckets)
+                    loop.call_soon_threadsafe(self._on_buckets, uncovered)
             outcome = self._stored(received, origin, record)
         except MwmError as exc:
             outcome = self._failure(exc, origin)

@@ -58,6 +58,13 @@ class DeadlineTimer:
         if self._heap[0] == (deadline, bucket_id):
             self._wake.set()
 
+    def covers(self, bucket_id: int, deadline: float) -> bool:
+        """Whether the bucket is armed to come due no later than ``deadline`` (callable from any
+        thread: one dictionary read). The caller may then leave the timer alone: when it fires,
+        the bucket's later deadline is read from the database and armed then."""
+        armed = self._current.get(bucket_id)
+        return armed is not None and armed <= deadline
+
     def discard(self, bucket_id: int) -> None:
         self._current.pop(bucket_id, None)
 

@@ -211,6 +211,7 @@ class Service:
                 staging_dir=settings.staging_dir,
                 max_instance_size=settings.server.max_instance_size,
                 on_buckets=self.jobs.buckets_updated,
+                deadline_covered=self.jobs.timer.covers,
                 metrics=self.metrics,
                 known_aets=self.served_ae_titles,
             )

@@ -42,3 +42,32 @@ async def test_commits_never_checkpoint_and_the_checkpointer_does(tmp_path) -> N
     finally:
         await db.close()
     assert not (tmp_path / "mwm.sqlite3-wal").exists() or (tmp_path / "mwm.sqlite3-wal").stat().st_size == 0
+
+
+async def test_a_commit_on_the_writer_thread_wakes_change_waiters_and_only_then_the_loop(tmp_path) -> None:
+    db = Database(tmp_path / "mwm.sqlite3")
+    await db.open()
+    loop = asyncio.get_running_loop()
+    try:
+        hops: list[object] = []
+        real_call = loop.call_soon_threadsafe
+
+        def counted(callback, *args):  # type: ignore[no-untyped-def]
+            hops.append(callback)
+            return real_call(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        try:
+            done = loop.create_future()
+            db.run_on_writer(lambda: real_call(done.set_result, db.record_instances_blocking([], 0.0)))
+            await asyncio.wait_for(done, 5)
+            assert hops == []  # nobody waits for changes: the commit left the loop alone
+            waiter = asyncio.ensure_future(db.wait_for_change(5.0))
+            await asyncio.sleep(0.05)
+            db.run_on_writer(lambda: db.record_instances_blocking([], 0.0))
+            assert await asyncio.wait_for(waiter, 5) is True
+            assert len(hops) == 1
+        finally:
+            del loop.call_soon_threadsafe
+    finally:
+        await db.close()

@@ -21,7 +21,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from support import base_config, eventually
+from support import base_config, eventually, python_app
 
 from mwm.errors import StorageFull
 from mwm.scp import encode_file_meta, encode_store_response
@@ -181,6 +181,28 @@ async def test_eight_concurrent_associations(tmp_path, make_service, client_for)
 
 async def _zero(value: int) -> bool:
     return value == 0
+
+
+async def test_arrivals_over_associations_push_the_deadline_back(tmp_path, make_service, client_for, small_study):
+    """C-STOREs extend their bucket's deadline without waking the event loop's timer; the timer
+    fires at the first deadline, finds the later one in the database and waits for it."""
+    app = python_app("count", "pass", match={"called_aet": ["MWM"]}, grouping="study", timeout="2s")
+    service = await make_service(scp_config(tmp_path, apps=[app]))
+    client = await client_for(service)
+    first = time.monotonic()
+    for path in small_study.paths[:3]:
+        assert await asyncio.to_thread(c_store, service.dicom_port, [path]) == [0x0000]
+        await asyncio.sleep(1.2)
+    assert time.monotonic() - first > 2.0  # the first arrival's deadline has passed
+    (bucket,) = (await client.get("/v1/buckets"))["buckets"]
+    assert bucket["instance_count"] == 3 and bucket["state"] == "open"
+    assert (await client.get("/v1/jobs"))["jobs"] == []
+
+    async def job() -> list[dict[str, Any]]:
+        return list((await client.get("/v1/jobs"))["jobs"])
+
+    (created,) = await eventually(job, timeout=10, what="the job")
+    assert created["bucket_id"] == bucket["id"]
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -512,15 +534,14 @@ async def test_stop_never_overtakes_a_response_on_its_way_out(
     stop's abort must wait for it, or the peer never hears that mwm has the instance."""
     from mwm import scp
 
-    send_msg = scp._StagingDIMSE.send_msg
+    command_pdu = scp._command_pdu
 
     def arm(service: Service, reached: Callable[[], None]) -> None:
-        def slow_send(self: Any, primitive: Any, context_id: int) -> None:  # on the association's thread
-            if type(primitive) is C_STORE:
-                reached()
-                time.sleep(0.5)
-            send_msg(self, primitive, context_id)
+        def slow_response(context_id: int, command: bytes) -> bytes:  # on the DUL thread, after the handler
+            reached()
+            time.sleep(0.5)
+            return command_pdu(context_id, command)
 
-        monkeypatch.setattr(scp._StagingDIMSE, "send_msg", slow_send)
+        monkeypatch.setattr(scp, "_command_pdu", slow_response)
 
     await stop_during_a_c_store(scp_config(tmp_path), small_study, make_service, client_for, arm)
