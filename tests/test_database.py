@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
-from mwm.db import Database
+import pytest
+
+from mwm.db import Database, NewInstance
+
+T = TypeVar("T")
 
 
 async def _fill(db: Database, rows: int) -> None:
@@ -69,5 +76,58 @@ async def test_a_commit_on_the_writer_thread_wakes_change_waiters_and_only_then_
             assert len(hops) == 1
         finally:
             del loop.call_soon_threadsafe
+    finally:
+        await db.close()
+
+
+def _instance(uid: str) -> NewInstance:
+    headers = {
+        "sop_instance_uid": uid,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "study_instance_uid": "1.2.3",
+        "series_instance_uid": "1.2.3.4",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+    }
+    return NewInstance(headers, "http", "", "", "127.0.0.1", "c", f"instances/{uid}.dcm", 10, "0" * 64)
+
+
+async def _on_writer(db: Database, fn: Callable[[], T]) -> T:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(done.set_result, result)
+
+    db.run_on_writer(run)
+    return await asyncio.wait_for(done, 10)
+
+
+def _count(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_failed_flush_records_nothing(tmp_path) -> None:
+    path = tmp_path / "mwm.sqlite3"
+    db = Database(path)
+    await db.open()
+    try:
+        (outcome,) = await _on_writer(db, lambda: db.record_instances_blocking([_instance("1.1")], 0.0, lambda: None))
+        assert not outcome.duplicate and _count(path) == 1
+
+        def broken() -> None:
+            raise OSError(5, "Input/output error")
+
+        with pytest.raises(OSError, match="Input/output"):
+            await _on_writer(db, lambda: db.record_instances_blocking([_instance("1.2")], 0.0, broken))
+        assert _count(path) == 1
     finally:
         await db.close()
