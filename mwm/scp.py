@@ -582,6 +582,11 @@ class _Server(ThreadedAssociationServer):
         self.io_timeout = io_timeout
         super().__init__(*args, **kwargs)
 
+    def service_actions(self) -> None:
+        """Nothing between two turns of the accept loop: pynetdicom runs a full garbage collection
+        every 60 turns here (every 3 s at mwm's poll interval), holding every thread up meanwhile;
+        the interpreter's own collector frees finished associations."""
+
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
         client, address = self.socket.accept()

@@ -183,6 +183,30 @@ async def _zero(value: int) -> bool:
     return value == 0
 
 
+async def test_finished_associations_are_freed_without_full_collections(tmp_path, make_service):
+    """pynetdicom's accept loop would run a full garbage collection every few seconds to free
+    finished associations; mwm's does not, and they are freed all the same."""
+    import gc
+
+    from mwm import scp
+
+    service = await make_service(scp_config(tmp_path))
+
+    def echo_many(count: int) -> None:
+        ae = AE(ae_title="ECHOER")
+        ae.add_requested_context(Verification)
+        for _ in range(count):
+            assoc = ae.associate("127.0.0.1", service.dicom_port, ae_title="MWM")
+            assert assoc.is_established
+            assoc.send_c_echo()
+            assoc.release()
+
+    await asyncio.to_thread(echo_many, 300)
+    await eventually(lambda: _zero(service.dicom.associations), timeout=10, what="associations closed")
+    alive = sum(1 for o in gc.get_objects() if type(o) is scp._PromptAssociation)
+    assert alive < 150, f"{alive} of 300 finished associations are still in memory"
+
+
 async def test_arrivals_over_associations_push_the_deadline_back(tmp_path, make_service, client_for, small_study):
     """C-STOREs extend their bucket's deadline without waking the event loop's timer; the timer
     fires at the first deadline, finds the later one in the database and waits for it."""
