@@ -21,7 +21,8 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
 ):
     config = base_config(
         tmp_path,
-        server={"disk_watermark": 90.0, "disk_reserve": "1MB"},
+        # A watermark the host's own disk stays under; the test fakes the storage's usage.
+        server={"disk_watermark": 99.5, "disk_reserve": "1MB"},
         apps=[
             python_app("ct", WRITE_R, timeout="1s", sinks=["out"])
         ],
@@ -32,14 +33,14 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
     await upload_files(client, small_study.paths[:3])  # a bucket opens before the disk fills
 
     async def nearly_full() -> StorageUsage:
-        return StorageUsage(used_bytes=96, free_bytes=4, total_bytes=100)
+        return StorageUsage(used_bytes=996, free_bytes=4, total_bytes=1000)
 
     monkeypatch.setattr(service.storage, "usage", nearly_full)
     await service._check_disk()
     with pytest.raises(ClientError) as caught:
         await upload_files(client, small_study.paths[3:])
     assert caught.value.status == 507
-    assert "disk pressure" in caught.value.message and "96.0% full (limit 90%)" in (caught.value.detail or "")
+    assert "disk pressure" in caught.value.message and "99.6% full (limit 99.5%)" in (caught.value.detail or "")
     assert (await client.get("/v1/stats"))["disk"]["pressure"]
     # The open bucket still becomes a job, which runs and delivers.
     (job,) = await wait_jobs(client, 1)

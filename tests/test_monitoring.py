@@ -97,7 +97,8 @@ async def test_serve_writes_json_logs_with_context(tmp_path, small_study) -> Non
     port = free_port()
     config = tmp_path / "mwm.toml"
     config.write_text(
-        f'[server]\nhttp = "127.0.0.1:{port}"\ndata_dir = "{tmp_path / "data"}"\ndisk_reserve = "16MB"\n'
+        f'[server]\nhttp = "127.0.0.1:{port}"\ndata_dir = "{tmp_path / "data"}"\n'
+        'disk_reserve = "16MB"\ndisk_watermark = 99.9\n'
         '[[apps]]\nid = "ct"\ncommand = ["true"]\ntimeout = "100ms"\n'
     )
     server = await asyncio.create_subprocess_exec(
