@@ -183,6 +183,30 @@ async def _zero(value: int) -> bool:
     return value == 0
 
 
+async def test_a_peer_with_tiny_pdus_gets_its_answers_in_fragments(tmp_path, make_service, client_for, small_study):
+    """A peer whose maximum PDU length cannot hold a C-STORE response in one PDU still gets it
+    (fragmented by pynetdicom) and mwm still stores what it sent."""
+    service = await make_service(scp_config(tmp_path))
+    client = await client_for(service)
+
+    def send() -> list[int]:
+        ae = AE(ae_title="TINY")
+        ae.maximum_pdu_size = 64
+        dataset = pydicom.dcmread(small_study.paths[0])
+        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", service.dicom_port, ae_title="MWM")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(dataset)
+            return [int(status.Status) if "Status" in status else -1]
+        finally:
+            assoc.release()
+
+    assert await asyncio.to_thread(send) == [0x0000]
+    (row,) = await instances(client)
+    assert row["sop_instance_uid"] == pydicom.dcmread(small_study.paths[0], stop_before_pixels=True).SOPInstanceUID
+
+
 async def test_finished_associations_are_freed_without_full_collections(tmp_path, make_service):
     """pynetdicom's accept loop would run a full garbage collection every few seconds to free
     finished associations; mwm's does not, and they are freed all the same."""
