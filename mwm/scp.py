@@ -525,16 +525,17 @@ class _StagingDIMSE(DIMSEServiceProvider):
             status, comment = int(answer.Status), str(answer.get("ErrorComment", "") or "")
         else:
             status, comment = int(answer), ""
+        message_id = int(request.MessageID)
         command = _store_response(
-            int(request.MessageID),
+            message_id,
             status,
             comment,
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),
-        )
+        ) or _store_response(message_id, status, "", "", "")  # the UIDs and the comment are optional
         limit = self.maximum_pdu_size
-        pdu = None if command is None else _command_pdu(context_id, command)
-        if pdu is not None and (not limit or len(pdu) - 6 <= limit):
+        pdu = _command_pdu(context_id, command or b"")
+        if not limit or len(pdu) - 6 <= limit:
             cast(AssociationSocket, self.dul.socket).send(pdu)
         else:
             response = C_STORE()
@@ -830,8 +831,9 @@ def _calling_aet(assoc: Association) -> str:
 
 
 def _comment(text: str) -> str:
-    """An Error Comment (LO: at most 64 characters, no backslash)."""
-    return text.replace("\\", "/")[:64]
+    """An Error Comment (LO: at most 64 characters, no backslash; ASCII, as the command set has no
+    character set to name another)."""
+    return text.replace("\\", "/").encode("ascii", "replace").decode("ascii")[:64]
 
 
 # -- the server ------------------------------------------------------------------------------

@@ -514,6 +514,13 @@ def test_store_response_encoding_matches_pynetdicom(comment):
     assert b"\x03" + encode_store_response(rsp) == expected.presentation_data_value_list[0][1]
 
 
+def test_error_comments_are_ascii_without_backslashes_and_at_most_64_characters():
+    from mwm.scp import _comment
+
+    assert _comment("cannot write /données\\x") == "cannot write /donn?es/x"
+    assert len(_comment("x" * 100)) == 64
+
+
 def _stall_mid_pdu(port: int) -> socket.socket:
     """Associate, then send the first bytes of a PDU and nothing more (the socket stays open)."""
     ae = AE(ae_title="STALLER")
