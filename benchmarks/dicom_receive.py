@@ -10,14 +10,16 @@ to each receiver started fresh in an empty folder:
 - ``storescp``: dcmtk's reference SCP writing each instance to a folder (no fsync);
 - ``orthanc``: Orthanc with its default ``SyncStorageArea`` (fsync of every file) and SQLite index.
 
-It prints one table (instances/s and MB/s of each receiver and association count) and the
-ratios mwm/Orthanc and mwm/storescp. Every receiver listens on 127.0.0.1 on a port chosen by
+Each receiver runs ``--repeat`` times per association count (3 by default), taking its turn
+first in rotation, as the host's speed drifts between minutes. It prints every run, then one
+table of medians (instances/s and MB/s of each receiver and association count) and the ratios
+mwm/Orthanc and mwm/storescp of the medians. Every receiver listens on 127.0.0.1 on a port chosen by
 the kernel; dcmtk and Orthanc run with ``TCP_NODELAY=1``, without which Debian's builds leave
 Nagle's algorithm on.
 
 Usage::
 
-    .venv/bin/python benchmarks/dicom_receive.py [--count 500] [--parallel 4] [--work DIR]
+    .venv/bin/python benchmarks/dicom_receive.py [--count 500] [--parallel 4] [--repeat 3] [--work DIR]
 """
 
 from __future__ import annotations
@@ -347,11 +349,21 @@ def disk_floor(folder: Path, files: Sequence[Path], threads: int) -> float:
     return len(files) / elapsed
 
 
-def print_results(results: Sequence[Result]) -> None:
+def medians(results: Sequence[Result]) -> list[Result]:
+    """One result per receiver and association count: the run of median duration."""
+    grouped: dict[tuple[str, int], list[Result]] = {}
+    for r in results:
+        grouped.setdefault((r.receiver, r.associations), []).append(r)
+    return [sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2] for runs in grouped.values()]
+
+
+def print_results(results: Sequence[Result], repeat: int) -> None:
     header = f"{'receiver':<10} {'assoc':>5} {'instances':>9} {'seconds':>8} {'inst/s':>8} {'MB/s':>8}"
     print()
+    print(f"median of {repeat} run(s)" if repeat > 1 else "one run")
     print(header)
     print("-" * len(header))
+    results = medians(results)
     for r in results:
         print(
             f"{r.receiver:<10} {r.associations:>5} {r.instances:>9} {r.seconds:>8.2f} "
@@ -378,8 +390,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cols", type=int, default=512)
     parser.add_argument("--parallel", type=int, default=4, help="associations of the parallel run (default 4)")
     parser.add_argument("--receivers", default="mwm,storescp,orthanc", help="comma-separated (default: all three)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each receiver, each taking its turn first (default 3)"
+    )
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed at the end)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.count, args.parallel, args.repeat) < 1:
+        parser.error("--count, --parallel and --repeat must be positive")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,11 +424,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results = []
         for associations in sorted({1, args.parallel}):
-            for name in names:
-                result = measure(kinds[name](work), files, associations, work)
-                print(f"  {name:<9} x{associations}: {result.seconds:6.2f} s, {result.per_second:6.1f} instances/s")
-                results.append(result)
-        print_results(results)
+            for run in range(args.repeat):
+                # The host's state drifts between minutes: each receiver takes its turn first.
+                order = names[run % len(names) :] + names[: run % len(names)]
+                for name in order:
+                    result = measure(kinds[name](work), files, associations, work)
+                    print(
+                        f"  run {run + 1} {name:<9} x{associations}: {result.seconds:6.2f} s, "
+                        f"{result.per_second:6.1f} instances/s"
+                    )
+                    results.append(result)
+        print_results(results, args.repeat)
         floors = {n: disk_floor(work, files, n) for n in sorted({1, args.parallel})}
         print()
         print(
