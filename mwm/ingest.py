@@ -10,11 +10,9 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import logging
 import mmap
 import os
-import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -30,6 +28,7 @@ from .discovery import discover
 from .errors import InvalidDicom, MwmError, NotFound, PayloadTooLarge, ShuttingDown, StorageError, StorageFull
 from .headers import InstanceHeaders, read_headers, read_headers_in_pieces
 from .metrics import Metrics
+from .naming import UniqueNames
 from .storage import Storage, key
 
 log = logging.getLogger(__name__)
@@ -77,19 +76,18 @@ class Outcome:
         return self.status in ("stored", "duplicate")
 
 
-_KEY_PREFIX = secrets.token_hex(3)  # new at every start
-_key_numbers = itertools.count(1)
+_KEY_NAMES = UniqueNames()
 
 
 def instance_key(headers: InstanceHeaders) -> str:
     """Storage key of an instance, from UIDs already validated against the UID grammar.
 
-    A part unique to this arrival (a random prefix drawn at start-up and a counter) makes every
+    A part unique to this arrival (``UniqueNames``: a random prefix drawn at start-up, a counter) makes every
     arrival's key its own: a second copy of the same SOP Instance UID can never overwrite the bytes
     of the first, whatever the timing, so no lookup is needed before storing (the database's
     unique SOP Instance UID decides which copy is kept).
     """
-    name = f"{headers.sop_instance_uid}.{_KEY_PREFIX}{next(_key_numbers):x}.dcm"
+    name = f"{headers.sop_instance_uid}.{_KEY_NAMES.next()}.dcm"
     return key("instances", headers.study_instance_uid, headers.series_instance_uid, name)
 
 
@@ -216,8 +214,7 @@ class Ingestor:
         self._metrics = metrics
         self._known_aets = known_aets
         self._in_flight: dict[str, asyncio.Lock] = {}
-        self._staging_prefix = secrets.token_hex(4)
-        self._staging_numbers = itertools.count(1)
+        self._staging_names = UniqueNames()
         self.accepting = True
         #: Why new instances are refused (disk pressure), or None.
         self.pressure: str | None = None
@@ -238,7 +235,7 @@ class Ingestor:
 
     def staging_name(self) -> Path:
         """A new file name in the staging folder (emptied at every start, so a counter is unique)."""
-        return self.staging_dir / f"{self._staging_prefix}-{next(self._staging_numbers)}.dcm"
+        return self.staging_dir / f"{self._staging_names.next()}.dcm"
 
     def spool(self) -> Spool:
         return Spool(self, self.max_instance_size)
@@ -262,22 +259,17 @@ class Ingestor:
             headers = read_headers_in_pieces(pieces, size)
         except InvalidDicom as exc:
             return Received(None, size, sha256, None, exc)
-        refusal = self._refusal()
-        if refusal is not None:
-            return Received(None, size, sha256, headers, refusal)
-        storage_key = instance_key(headers)
+        kept = list(pieces) if hash_later else None
+        placed = self._place(Received(None, size, sha256, headers, data=kept), headers, pieces)
+        if placed is not None:
+            return placed
         try:
-            if self.storage.place_blocking(storage_key, pieces):
-                kept = list(pieces) if hash_later else None
-                return Received(None, size, sha256, headers, storage_key=storage_key, data=kept)
             path = self.staging_name()
             with open(path, "wb") as staged:
                 for piece in pieces:
                     staged.write(piece)
             if sha256 is None:
                 sha256 = _sha256(pieces)
-        except MwmError as exc:
-            return Received(None, size, sha256, headers, exc)
         except OSError as exc:
             return Received(None, size, sha256, headers, StorageError("cannot stage the received instance", str(exc)))
         return Received(path, size, sha256, headers)
@@ -305,16 +297,22 @@ class Ingestor:
                         mapped.close()
         except OSError as exc:
             return Received(path, 0, "", None, StorageError("cannot read the received instance", str(exc)))
+        received = Received(path, size, sha256, headers)
+        return self._place(received, headers, path) or received
+
+    def _place(self, received: Received, headers: InstanceHeaders, source: Path | Sequence[Bytes]) -> Received | None:
+        """``received`` refused, or stored under its own key from ``source`` (its bytes, or its
+        staging file, which is moved); None when the storage kind cannot place it from this thread."""
         refusal = self._refusal()
         if refusal is not None:
-            return Received(path, size, sha256, headers, refusal)
+            return dataclasses.replace(received, error=refusal, data=None)
         storage_key = instance_key(headers)
         try:
-            if self.storage.place_blocking(storage_key, path):
-                return Received(None, size, sha256, headers, storage_key=storage_key)
+            if self.storage.place_blocking(storage_key, source):
+                return dataclasses.replace(received, path=None, storage_key=storage_key)
         except MwmError as exc:
-            return Received(path, size, sha256, headers, exc)
-        return Received(path, size, sha256, headers)
+            return dataclasses.replace(received, error=exc, data=None)
+        return None
 
     def check_apps(self, app_ids: Sequence[str]) -> None:
         for app_id in app_ids:

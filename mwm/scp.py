@@ -196,27 +196,11 @@ def _implicit(group_element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
 
 
-def encode_store_response(rsp: C_STORE) -> bytes | None:
-    """The command set of a C-STORE-RSP (Implicit VR Little Endian, PS3.7 9.3.1.2).
-
-    Returns ``None`` for anything but the plain response mwm sends (status, optional error
-    comment), which pynetdicom then encodes itself.
-    """
-    if rsp.OffendingElement is not None or rsp.MessageIDBeingRespondedTo is None or rsp.Status is None:
-        return None
-    return _store_response(
-        rsp.MessageIDBeingRespondedTo,
-        rsp.Status,
-        rsp.ErrorComment or "",
-        rsp.AffectedSOPClassUID or "",
-        rsp.AffectedSOPInstanceUID or "",
-    )
-
-
-def _store_response(
+def encode_store_response(
     message_id: int, status: int, comment: str, sop_class_uid: str, sop_instance_uid: str
 ) -> bytes | None:
-    """The command set of a C-STORE-RSP from its fields; None where they cannot be encoded."""
+    """The command set of a C-STORE-RSP (Implicit VR Little Endian, PS3.7 9.3.1.2) from its fields;
+    None where they cannot be encoded. Written by hand: pydicom takes a third of a millisecond."""
     try:
         elements = [
             _implicit(0x0002, _padded(sop_class_uid, b"\0")) if sop_class_uid else b"",
@@ -348,9 +332,9 @@ class _PromptSocket(AssociationSocket):
 
 @dataclass(frozen=True)
 class _Staging:
-    """Where received data sets go, and the largest one accepted."""
+    """Where received data sets go (a new file name in the staging folder), and the largest one accepted."""
 
-    directory: Path
+    new_path: Callable[[], Path]
     max_size: int
 
 
@@ -399,7 +383,7 @@ class _StagedDataSet(io.BytesIO):
         if context is None:
             return
         ae = self._assoc.ae
-        self.path = self._staging.directory / f"{uuid.uuid4().hex}.dcm"
+        self.path = self._staging.new_path()
         try:
             meta = encode_file_meta(
                 sop_class_uid=str(command.AffectedSOPClassUID).rstrip("\0 "),
@@ -496,8 +480,8 @@ class _ServingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class _StagingDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, receiving C-STORE data sets into staging files and encoding
-    plain C-STORE responses directly (pydicom takes a third of a millisecond to build one)."""
+    """pynetdicom's DIMSE provider, receiving C-STORE data sets into staging files and answering
+    them where they complete (``serve_store``)."""
 
     def __init__(self, assoc: Association, staging: _Staging) -> None:
         super().__init__(assoc)
@@ -526,13 +510,13 @@ class _StagingDIMSE(DIMSEServiceProvider):
         else:
             status, comment = int(answer), ""
         message_id = int(request.MessageID)
-        command = _store_response(
+        command = encode_store_response(
             message_id,
             status,
             comment,
             str(request.AffectedSOPClassUID or ""),
             str(request.AffectedSOPInstanceUID or ""),
-        ) or _store_response(message_id, status, "", "", "")  # the UIDs and the comment are optional
+        ) or encode_store_response(message_id, status, "", "", "")  # the UIDs and the comment are optional
         limit = self.maximum_pdu_size
         pdu = _command_pdu(context_id, command or b"")
         if not limit or len(pdu) - 6 <= limit:
@@ -554,16 +538,6 @@ class _StagingDIMSE(DIMSEServiceProvider):
             message.data_set = _StagedDataSet(message, self.assoc, self._staging)
             self.message = message
         super().receive_primitive(primitive)
-
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        if type(primitive) is C_STORE and (encoded := encode_store_response(primitive)) is not None:
-            limit = self.maximum_pdu_size
-            if not limit or len(encoded) + 8 <= limit:
-                pdata = P_DATA()
-                pdata.presentation_data_value_list = [[context_id, b"\x03" + encoded]]  # type: ignore[list-item]
-                self.dul.send_pdu(pdata)
-                return
-        super().send_msg(primitive, context_id)
 
 
 class _Server(ThreadedAssociationServer):
@@ -901,7 +875,7 @@ class DicomServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        staging = _Staging(self.ingestor.staging_dir, int(self.ingestor.max_instance_size))
+        staging = _Staging(self.ingestor.staging_name, int(self.ingestor.max_instance_size))
         try:
             server = ae.make_server(
                 (host, int(port)),
@@ -1079,7 +1053,7 @@ class DicomServer:
         """The received Part-10 file (preamble, file meta, data set as received) in staging."""
         if received is not None:
             return received.finish()
-        staged = self.ingestor.staging_dir / f"{uuid.uuid4().hex}.dcm"
+        staged = self.ingestor.staging_name()
         spooled = cast(Path | None, getattr(event.request, "_dataset_path", None))
         if spooled is not None:
             # pynetdicom's own chunked receive wrote it; it removes what is left after the handler.

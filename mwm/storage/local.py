@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
-import itertools
 import os
 import shutil
 import uuid
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import StorageError, StorageFull
+from ..naming import UniqueNames
 from . import Storage, StorageUsage, check_key
 
 
@@ -105,8 +105,7 @@ class LocalStorage(Storage):
         self.fsync = options.fsync
         self._known_dirs: set[Path] = set()
         # Temporary names: the .tmp folder is emptied at every start, so a counter is unique.
-        self._temp_prefix = uuid.uuid4().hex[:8]
-        self._temp_numbers = itertools.count(1)
+        self._temp_names = UniqueNames()
         self._root_name = str(self.root)
         self._tmp_name = str(self.tmp)
         self._known_folder_names: set[str] = set()
@@ -157,7 +156,7 @@ class LocalStorage(Storage):
         target = self.path_of(key)
         if move and self._move(source, target):
             return
-        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        temp = self.tmp / f"{self._temp_names.next()}.part"
         try:
             shutil.copyfile(source, temp)
             if self.fsync:
@@ -200,7 +199,7 @@ class LocalStorage(Storage):
         """
         target = os.path.join(self._root_name, check_key(key))
         folder = os.path.dirname(target)
-        temp = os.path.join(self._tmp_name, f"{self._temp_prefix}-{next(self._temp_numbers)}.part")
+        temp = os.path.join(self._tmp_name, f"{self._temp_names.next()}.part")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -256,7 +255,7 @@ class LocalStorage(Storage):
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         target = self.path_of(key)
-        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        temp = self.tmp / f"{self._temp_names.next()}.part"
         try:
             with open(temp, "wb") as f:
                 f.write(data)

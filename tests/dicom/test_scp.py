@@ -511,7 +511,8 @@ def test_store_response_encoding_matches_pynetdicom(comment):
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
     (expected,) = list(message.encode_msg(1, 0))
-    assert b"\x03" + encode_store_response(rsp) == expected.presentation_data_value_list[0][1]
+    encoded = encode_store_response(7, rsp.Status, comment or "", CT_IMAGE_STORAGE, "1.2.3.4.5")
+    assert encoded is not None and b"\x03" + encoded == expected.presentation_data_value_list[0][1]
 
 
 def test_error_comments_are_ascii_without_backslashes_and_at_most_64_characters():
