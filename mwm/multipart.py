@@ -41,6 +41,7 @@ class MultipartStream:
         self._pos = 0
         self._eof = False
         self._in_body = False
+        self._length: int | None = None  # the current part's Content-Length, when it has one
         self._done = False
 
     async def _read(self) -> bytes:
@@ -66,6 +67,7 @@ class MultipartStream:
         await self._skip_preamble()
         while not self._done:
             headers = await self._headers()
+            self._length = _content_length(headers)
             self._in_body = True
             yield headers
             async for _ in self.body():  # whatever the caller did not read
@@ -132,6 +134,10 @@ class MultipartStream:
         """The current part's body, in pieces that share memory with the received buffers."""
         if not self._in_body:
             return
+        if self._length is not None:
+            async for piece in self._counted_body(self._length):
+                yield piece
+            return
         delimiter = self._delimiter
         size = len(delimiter)
         while True:
@@ -167,3 +173,44 @@ class MultipartStream:
             if tail:
                 yield memoryview(tail)
             self._buffer, self._pos = data, 0
+
+    async def _counted_body(self, length: int) -> AsyncIterator[memoryview]:
+        """A body whose part declared its ``Content-Length``: that many bytes, handed out without
+        searching them for the delimiter, which must then follow at once."""
+        left = length
+        while left:
+            buffer, pos = self._buffer, self._pos
+            available = len(buffer) - pos
+            if not available:
+                data = await self._read()
+                if not data:
+                    raise MalformedMultipart("the body ends before the closing boundary delimiter")
+                self._buffer, self._pos = data, 0
+                continue
+            take = min(available, left)
+            yield memoryview(buffer)[pos : pos + take]
+            self._pos = pos + take
+            left -= take
+        size = len(self._delimiter)
+        while len(self._buffer) - self._pos < size and await self._more():
+            pass
+        if not self._buffer.startswith(self._delimiter, self._pos):
+            if len(self._buffer) - self._pos < size:
+                raise MalformedMultipart("the body ends before the closing boundary delimiter")
+            raise MalformedMultipart("a part is not followed by the boundary delimiter where its Content-Length ends")
+        self._pos += size
+        self._in_body = False
+        await self._after_delimiter()
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    """A part's declared length, or None (absent: its end is found by the delimiter).
+
+    Only plain decimal digits are accepted (RFC 9110 8.6); anything else is refused rather than
+    guessed at."""
+    value = headers.get("content-length")
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise MalformedMultipart(f"invalid Content-Length of a part: {value[:40]!r}")
+    return int(value)
