@@ -31,8 +31,9 @@ ROUTES = [(r.method, r.path) for r in routes() if r.method != "HEAD"]
 async def secured(tmp_path, make_service):
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text(f"# role token\nread {READ}\n")
-    config = base_config(tmp_path, server={"tokens": [{"token": ADMIN, "role": "admin"}],
-                                           "tokens_file": str(tokens_file)})
+    config = base_config(
+        tmp_path, server={"tokens": [{"token": ADMIN, "role": "admin"}], "tokens_file": str(tokens_file)}
+    )
     service = await make_service(config)
     async with aiohttp.ClientSession() as session:
         yield f"http://127.0.0.1:{service.http_port}", session
@@ -105,8 +106,12 @@ def make_certificate(tmp_path):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mwm test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
@@ -114,8 +119,9 @@ def make_certificate(tmp_path):
     )
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 

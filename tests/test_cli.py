@@ -42,8 +42,13 @@ async def test_quickstart_configuration_end_to_end(tmp_path, small_study) -> Non
     (tmp_path / "samples").symlink_to(ROOT / "samples")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MWM_SERVER_HTTP": f"127.0.0.1:{port}", "MWM_URL": url, "MWM_SERVER_DISK_RESERVE": "16MB",
-           "MWM_SERVER_DISK_WATERMARK": "99.9"}
+    env = {
+        **os.environ,
+        "MWM_SERVER_HTTP": f"127.0.0.1:{port}",
+        "MWM_URL": url,
+        "MWM_SERVER_DISK_RESERVE": "16MB",
+        "MWM_SERVER_DISK_WATERMARK": "99.9",
+    }
     server = await asyncio.create_subprocess_exec(
         *MWM,
         "serve",

@@ -77,8 +77,15 @@ class Box:
             env["MWM_FAULTS"] = faults
         with open(self.root / "serve.log", "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mwm", "serve", "--config", str(self.write_config()),
-                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=log,
+                sys.executable,
+                "-m",
+                "mwm",
+                "serve",
+                "--config",
+                str(self.write_config()),
+                env=env,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
             )
         async with aiohttp.ClientSession() as session:
             for _ in range(300):
@@ -113,10 +120,13 @@ async def send(box: Box, files: list[Path]) -> dict[Path, bool]:
     async with aiohttp.ClientSession() as session:
         for path in files:
             try:
-                async with session.post(box.url + "/v1/instances", data=path.read_bytes(),
-                                        headers={"Content-Type": "application/dicom"}) as response:
-                    acked[path] = response.status == 200 and (await response.json())["stored"] + (
-                        await response.json())["duplicate"] == 1
+                async with session.post(
+                    box.url + "/v1/instances", data=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+                ) as response:
+                    acked[path] = (
+                        response.status == 200
+                        and (await response.json())["stored"] + (await response.json())["duplicate"] == 1
+                    )
             except (aiohttp.ClientError, ConnectionError):
                 acked[path] = False
     return acked
@@ -125,6 +135,7 @@ async def send(box: Box, files: list[Path]) -> dict[Path, bool]:
 async def settle(box: Box, timeout: float = 60.0) -> tuple[list[dict], list[dict]]:
     """Wait until no bucket is open, every job is final and every folder delivery is done."""
     async with aiohttp.ClientSession() as session:
+
         async def get(path: str) -> dict:
             async with session.get(box.url + path) as response:
                 return await response.json()
@@ -133,9 +144,13 @@ async def settle(box: Box, timeout: float = 60.0) -> tuple[list[dict], list[dict
             buckets = (await get("/v1/buckets"))["buckets"]
             jobs = (await get("/v1/jobs?limit=1000"))["jobs"]
             deliveries = (await get("/v1/deliveries?sink=out&limit=1000"))["deliveries"]
-            if (not buckets and jobs and all(j["state"] in ("succeeded", "failed", "cancelled") for j in jobs)
-                    and all(d["state"] != "pending" for d in deliveries)
-                    and len(deliveries) == sum(j["result_count"] for j in jobs)):
+            if (
+                not buckets
+                and jobs
+                and all(j["state"] in ("succeeded", "failed", "cancelled") for j in jobs)
+                and all(d["state"] != "pending" for d in deliveries)
+                and len(deliveries) == sum(j["result_count"] for j in jobs)
+            ):
                 pulled = (await get("/v1/sinks/gateway/results?limit=1000"))["results"]
                 return jobs, pulled
             await asyncio.sleep(0.1)
@@ -144,8 +159,12 @@ async def settle(box: Box, timeout: float = 60.0) -> tuple[list[dict], list[dict
 
 async def scenario(root: Path, point: str, count: int, seed: int) -> None:
     rng = random.Random(seed)
-    studies = [synthetic.generate_study(root / f"study{i}", series_count=1, instances_per_series=5, rows=16,
-                                        cols=16, seed=seed * 10 + i) for i in range(2)]
+    studies = [
+        synthetic.generate_study(
+            root / f"study{i}", series_count=1, instances_per_series=5, rows=16, cols=16, seed=seed * 10 + i
+        )
+        for i in range(2)
+    ]
     files = [p for s in studies for p in s.paths]
     rng.shuffle(files)
     uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
@@ -236,8 +255,12 @@ async def test_graceful_stop_finishes_uploads_and_leaves_jobs_to_resume(tmp_path
             yield data[start : start + 1024]
 
     async def upload() -> int:
-        async with aiohttp.ClientSession() as session, session.post(box.url + "/v1/instances", data=slow_body(),
-                                headers={"Content-Type": "application/dicom"}) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                box.url + "/v1/instances", data=slow_body(), headers={"Content-Type": "application/dicom"}
+            ) as response,
+        ):
             return response.status
 
     task = asyncio.create_task(upload())

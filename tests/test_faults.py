@@ -23,9 +23,7 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
         tmp_path,
         # A watermark the host's own disk stays under; the test fakes the storage's usage.
         server={"disk_watermark": 99.5, "disk_reserve": "1MB"},
-        apps=[
-            python_app("ct", WRITE_R, timeout="1s", sinks=["out"])
-        ],
+        apps=[python_app("ct", WRITE_R, timeout="1s", sinks=["out"])],
         sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}],
     )
     service = await make_service(config)

@@ -45,8 +45,9 @@ def test_anything_accepted_as_a_uid_is_digits_and_dots(text: str) -> None:
 def good_file(tmp_path_factory) -> bytes:
     import synthetic
 
-    study = synthetic.generate_study(tmp_path_factory.mktemp("fuzz"), series_count=1, instances_per_series=1,
-                                     rows=32, cols=32, seed=4)
+    study = synthetic.generate_study(
+        tmp_path_factory.mktemp("fuzz"), series_count=1, instances_per_series=1, rows=32, cols=32, seed=4
+    )
     return study.paths[0].read_bytes()
 
 
@@ -98,23 +99,32 @@ def meta(group_length: int | None = None) -> bytes:
     return element(0x0002, 0x0000, b"UL", struct.pack("<I", length)) + body
 
 
-def part10(dataset: bytes, *, preamble: bytes = b"\0" * 128, magic: bytes = b"DICM",
-           group_length: int | None = None) -> bytes:
+def part10(
+    dataset: bytes, *, preamble: bytes = b"\0" * 128, magic: bytes = b"DICM", group_length: int | None = None
+) -> bytes:
     return preamble + magic + meta(group_length) + dataset
 
 
 def uids() -> bytes:
-    return (element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0")
-            + element(0x0008, 0x0018, b"UI", b"1.2.3.4\0")
-            + element(0x0020, 0x000D, b"UI", b"1.2.3\0") + element(0x0020, 0x000E, b"UI", b"1.2.3.5\0"))
+    return (
+        element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0")
+        + element(0x0008, 0x0018, b"UI", b"1.2.3.4\0")
+        + element(0x0020, 0x000D, b"UI", b"1.2.3\0")
+        + element(0x0020, 0x000E, b"UI", b"1.2.3.5\0")
+    )
 
 
 def nested(depth: int) -> bytes:
     inner = b""
     for _ in range(depth):
         item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-        inner = (struct.pack("<HH", 0x0040, 0xA730) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF) + item
-                 + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        inner = (
+            struct.pack("<HH", 0x0040, 0xA730)
+            + b"SQ\0\0"
+            + struct.pack("<I", 0xFFFFFFFF)
+            + item
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        )
     return inner
 
 
@@ -124,9 +134,17 @@ def malformed(good: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
         ("no preamble", good[128:]),
         ("wrong group length (long)", part10(uids(), group_length=100_000)),
         ("wrong group length (short)", part10(uids(), group_length=4)),
-        ("undefined length that never ends",
-         part10(uids() + struct.pack("<HH", 0x7FE0, 0x0010) + b"OB\0\0" + struct.pack("<I", 0xFFFFFFFF)
-                + struct.pack("<HHI", 0xFFFE, 0xE000, 16) + b"x" * 16)),
+        (
+            "undefined length that never ends",
+            part10(
+                uids()
+                + struct.pack("<HH", 0x7FE0, 0x0010)
+                + b"OB\0\0"
+                + struct.pack("<I", 0xFFFFFFFF)
+                + struct.pack("<HHI", 0xFFFE, 0xE000, 16)
+                + b"x" * 16
+            ),
+        ),
         ("deeply nested sequences", part10(uids() + nested(400))),
         ("very deeply nested sequences", part10(uids() + nested(3000))),
         ("huge element length", part10(uids() + element(0x7FE0, 0x0010, b"OB", b"abc", length=0x7FFFFFF0))),
@@ -152,8 +170,11 @@ def rss_mib() -> float:
 
 
 async def test_fuzz_run_over_the_upload_endpoint(tmp_path, make_service, client_for, good_file, small_study):
-    service = await make_service(base_config(tmp_path, server={"max_instance_size": "4MiB"},
-                                             apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}]))
+    service = await make_service(
+        base_config(
+            tmp_path, server={"max_instance_size": "4MiB"}, apps=[{"id": "ct", "command": ["true"], "timeout": "1h"}]
+        )
+    )
     client = await client_for(service)
     rng = random.Random(20261128)
     cases = malformed(good_file, rng)
@@ -188,7 +209,12 @@ def test_pydicom_still_reads_our_good_file(good_file: bytes) -> None:
 # -- the fast reader agrees with pydicom wherever it answers -----------------------------------------------
 
 SEED_FILES = (
-    "CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "reportsi.dcm", "MR_small_RLE.dcm", "JPEG-lossy.dcm"
+    "CT_small.dcm",
+    "MR_small_implicit.dcm",
+    "JPEG2000.dcm",
+    "reportsi.dcm",
+    "MR_small_RLE.dcm",
+    "JPEG-lossy.dcm",
 )
 
 
@@ -198,10 +224,18 @@ def _pydicom_headers(blob: bytes) -> dict[str, str] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(blob), defer_size=4096)
-        names = {"sop_instance_uid": "SOPInstanceUID", "sop_class_uid": "SOPClassUID",
-                 "study_instance_uid": "StudyInstanceUID", "series_instance_uid": "SeriesInstanceUID",
-                 "patient_id": "PatientID", "modality": "Modality", "series_description": "SeriesDescription",
-                 "body_part": "BodyPartExamined", "study_date": "StudyDate", "accession_number": "AccessionNumber"}
+        names = {
+            "sop_instance_uid": "SOPInstanceUID",
+            "sop_class_uid": "SOPClassUID",
+            "study_instance_uid": "StudyInstanceUID",
+            "series_instance_uid": "SeriesInstanceUID",
+            "patient_id": "PatientID",
+            "modality": "Modality",
+            "series_description": "SeriesDescription",
+            "body_part": "BodyPartExamined",
+            "study_date": "StudyDate",
+            "accession_number": "AccessionNumber",
+        }
         out = {name: (_raw(ds, keyword) or "")[:256] for name, keyword in names.items()}
         out["transfer_syntax_uid"] = _raw(ds.file_meta, "TransferSyntaxUID")
         return out

@@ -29,9 +29,19 @@ async def read_events(response, count: int, timeout: float = 20.0) -> list[dict]
 async def test_event_stream_follows_a_study_from_bucket_to_delivery(tmp_path, make_service, client_for, small_study):
     config = base_config(
         tmp_path,
-        apps=[{"id": "quick", "command": [sys.executable, "-c", "import os; open(os.environ["
-               "'HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('x')"], "arguments": False,
-               "timeout": "200ms", "sinks": ["out"]}],
+        apps=[
+            {
+                "id": "quick",
+                "command": [
+                    sys.executable,
+                    "-c",
+                    "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('x')",
+                ],
+                "arguments": False,
+                "timeout": "200ms",
+                "sinks": ["out"],
+            }
+        ],
         sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}],
     )
     service = await make_service(config)
@@ -41,33 +51,47 @@ async def test_event_stream_follows_a_study_from_bucket_to_delivery(tmp_path, ma
         await upload_files(client, small_study.paths, headers={"X-Correlation-ID": "watch-me"})
         events = await read_events(response, 6)
     kinds = [e["kind"] for e in events]
-    assert kinds == ["bucket.opened", "job.scheduled", "job.launching", "job.running", "job.collecting",
-                     "job.succeeded"]
+    assert kinds == [
+        "bucket.opened",
+        "job.scheduled",
+        "job.launching",
+        "job.running",
+        "job.collecting",
+        "job.succeeded",
+    ]
     assert {e["correlation_id"] for e in events} == {"watch-me"}
     assert all(e["app_id"] == "quick" for e in events)
     # A reconnecting client resumes after the last event it saw.
-    async with client.session.get(client.url + "/v1/events/stream",
-                                  headers={"Last-Event-ID": str(events[2]["id"])}) as response:
+    async with client.session.get(
+        client.url + "/v1/events/stream", headers={"Last-Event-ID": str(events[2]["id"])}
+    ) as response:
         resumed = await read_events(response, 3)
     assert [e["id"] for e in resumed] == [e["id"] for e in events[3:6]]
 
 
 async def test_metrics_count_what_happened(tmp_path, make_service, client_for, small_study):
-    config = base_config(tmp_path, apps=[{"id": "ct", "command": ["true"], "timeout": "100ms",
-                                          "match": {"called_aet": ["MWM"]}}])
+    config = base_config(
+        tmp_path, apps=[{"id": "ct", "command": ["true"], "timeout": "100ms", "match": {"called_aet": ["MWM"]}}]
+    )
     service = await make_service(config)
     client = await client_for(service)
     await upload_files(client, small_study.paths)
     await upload_files(client, small_study.paths[:2])
-    async with client.session.post(client.url + "/v1/instances", data=b"junk" * 100,
-                                   headers={"Content-Type": "application/dicom", "X-Called-AET": "WHO-KNOWS"}):
+    async with client.session.post(
+        client.url + "/v1/instances",
+        data=b"junk" * 100,
+        headers={"Content-Type": "application/dicom", "X-Called-AET": "WHO-KNOWS"},
+    ):
         pass
     await wait_jobs(client, 1)
     async with client.session.get(client.url + "/metrics") as response:
         assert response.status == 200 and response.content_type == "text/plain"
         text = await response.text()
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-               for line in text.splitlines() if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     n = len(small_study.paths)
     assert samples['mwm_instances_received_total{called_aet="MWM",outcome="stored",source="http"}'] == n
     assert samples['mwm_instances_received_total{called_aet="MWM",outcome="duplicate",source="http"}'] == 2
@@ -102,8 +126,16 @@ async def test_serve_writes_json_logs_with_context(tmp_path, small_study) -> Non
         '[[apps]]\nid = "ct"\ncommand = ["true"]\ntimeout = "100ms"\n'
     )
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mwm", "serve", "--config", str(config), "--log-format", "json",
-        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "mwm",
+        "serve",
+        "--config",
+        str(config),
+        "--log-format",
+        "json",
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     env = {"MWM_URL": f"http://127.0.0.1:{port}"}
     try:

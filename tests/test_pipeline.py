@@ -185,9 +185,7 @@ async def test_a_failing_application_is_retried_then_failed_with_its_log(
     script = "import sys; print('loading model'); print('out of memory', file=sys.stderr); sys.exit(3)"
     config = base_config(
         tmp_path,
-        apps=[
-            python_app("bad", script, timeout="100ms", max_attempts=3)
-        ],
+        apps=[python_app("bad", script, timeout="100ms", max_attempts=3)],
     )
     service = await make_service(config)
     client = await client_for(service)
@@ -311,9 +309,7 @@ async def test_per_app_parallel_limit(tmp_path, make_service, client_for):
     script = "import time; time.sleep(0.5)"
     config = base_config(
         tmp_path,
-        apps=[
-            python_app("one-at-a-time", script, timeout="100ms", max_parallel=1)
-        ],
+        apps=[python_app("one-at-a-time", script, timeout="100ms", max_parallel=1)],
     )
     service = await make_service(config)
     client = await client_for(service)
@@ -433,8 +429,9 @@ async def test_app_management_api(tmp_path, make_service, client_for, small_stud
     json.dumps(created)  # the API's JSON is plain JSON
 
 
-async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(tmp_path, make_service, client_for,
-                                                                       small_study):
+async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(
+    tmp_path, make_service, client_for, small_study
+):
     runs = tmp_path / "runs"
     script = (
         "import os, pathlib, sys, time\n"
@@ -443,8 +440,11 @@ async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(tmp_pat
         "time.sleep(600 if n == 0 else 0)\n"
         "(pathlib.Path(os.environ['HOLOSCAN_OUTPUT_PATH']) / 'done.txt').write_text('done')\n"
     )
-    config = base_config(tmp_path, apps=[python_app("long", script, timeout="100ms", sinks=["pull"])],
-                         sinks=[{"id": "pull", "kind": "pull"}])
+    config = base_config(
+        tmp_path,
+        apps=[python_app("long", script, timeout="100ms", sinks=["pull"])],
+        sinks=[{"id": "pull", "kind": "pull"}],
+    )
     first = await make_service(config)
     client = await client_for(first)
     await upload_files(client, small_study.paths)

@@ -46,10 +46,25 @@ async def test_webhook_sink_delivers_with_retries(tmp_path, make_service, client
     try:
         config = base_config(
             tmp_path,
-            apps=[{"id": "writer", "command": [sys.executable, "-c", WRITE_TWO], "arguments": False,
-                   "timeout": "100ms", "sinks": ["notify"]}],
-            sinks=[{"id": "notify", "kind": "webhook", "url": f"http://127.0.0.1:{port}/hook",
-                    "token": "s3cret-token-for-tests", "timeout": "5s", "public_url": "http://mwm.example"}],
+            apps=[
+                {
+                    "id": "writer",
+                    "command": [sys.executable, "-c", WRITE_TWO],
+                    "arguments": False,
+                    "timeout": "100ms",
+                    "sinks": ["notify"],
+                }
+            ],
+            sinks=[
+                {
+                    "id": "notify",
+                    "kind": "webhook",
+                    "url": f"http://127.0.0.1:{port}/hook",
+                    "token": "s3cret-token-for-tests",
+                    "timeout": "5s",
+                    "public_url": "http://mwm.example",
+                }
+            ],
         )
         service = await make_service(config)
         client = await client_for(service)
@@ -65,8 +80,10 @@ async def test_webhook_sink_delivers_with_retries(tmp_path, make_service, client
         (document,) = received
         assert document["sink"] == "notify"
         assert sorted(r["path"] for r in document["results"]) == ["nested/x.json", "report.txt"]
-        assert all(r["job_id"] == job["id"] and r["download"].startswith("http://mwm.example/v1/results/")
-                   for r in document["results"])
+        assert all(
+            r["job_id"] == job["id"] and r["download"].startswith("http://mwm.example/v1/results/")
+            for r in document["results"]
+        )
         assert url_of(service).startswith("http://127.0.0.1:")
     finally:
         await runner.cleanup()

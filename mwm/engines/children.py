@@ -91,15 +91,15 @@ async def start(
     itself with the program (a millisecond or more), which the event loop need not wait for."""
     loop = asyncio.get_running_loop()
     call = functools.partial(
-            subprocess.Popen,
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=dict(env),
-            start_new_session=True,
-        )
+        subprocess.Popen,
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=dict(env),
+        start_new_session=True,
+    )
     starting = loop.run_in_executor(None, call)
     try:
         popen = await asyncio.shield(starting)

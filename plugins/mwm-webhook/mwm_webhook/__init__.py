@@ -52,10 +52,16 @@ class WebhookSink(Sink):
             "sink": self.id,
             "results": [
                 {
-                    "result_id": d.result_id, "job_id": d.job_id, "app_id": d.app_id,
-                    "correlation_id": d.correlation_id, "study_instance_uid": d.study_instance_uid,
-                    "path": d.path, "media_type": d.media_type, "size": d.size,
-                    "sop_instance_uid": d.sop_instance_uid, "download": f"{base}/v1/results/{d.result_id}",
+                    "result_id": d.result_id,
+                    "job_id": d.job_id,
+                    "app_id": d.app_id,
+                    "correlation_id": d.correlation_id,
+                    "study_instance_uid": d.study_instance_uid,
+                    "path": d.path,
+                    "media_type": d.media_type,
+                    "size": d.size,
+                    "sop_instance_uid": d.sop_instance_uid,
+                    "download": f"{base}/v1/results/{d.result_id}",
                 }
                 for d in batch
             ],
