@@ -184,7 +184,7 @@ class MultipartStream:
             if not available:
                 data = await self._read()
                 if not data:
-                    raise MalformedMultipart("the body ends before the closing boundary delimiter")
+                    raise MalformedMultipart(f"the body ends before the {length} bytes of a part's Content-Length")
                 self._buffer, self._pos = data, 0
                 continue
             take = min(available, left)

@@ -114,6 +114,25 @@ async def test_oversized_upload_is_refused_with_413(service_and_client, small_st
     assert (await client.get("/health"))["status"] == "ok"
 
 
+@pytest.mark.parametrize("error", [-10, +10])
+async def test_a_part_whose_content_length_is_wrong_is_refused(service_and_client, small_study, error):
+    """A part is read by its declared length; where the delimiter does not follow, the body is
+    malformed: 400, and not a byte of it stored."""
+    service, client = service_and_client
+    data = small_study.paths[0].read_bytes()
+    body = b"--B\r\nContent-Type: application/dicom\r\nContent-Length: %d\r\n\r\n%s\r\n--B--\r\n" % (
+        len(data) + error,
+        data,
+    )
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'}
+    async with client.session.post(client.url + "/v1/instances", data=body, headers=headers) as response:
+        answer = await response.json()
+        assert response.status == 400, answer
+    assert answer["message"] == "malformed multipart body" and "Content-Length" in answer["detail"]
+    assert (await client.get("/v1/instances"))["instances"] == []
+    assert stored_files(service.storage.root) == [] and os.listdir(service.settings.staging_dir) == []
+
+
 async def test_unknown_app_id_is_404_and_nothing_is_stored(service_and_client, small_study):
     _service, client = service_and_client
     with pytest.raises(ClientError) as caught:

@@ -107,7 +107,7 @@ async def test_large_buffers_are_handed_out_without_copies() -> None:
         (b"--B\r\n" + b"X-Long: " + b"a" * 20_000 + b"\r\n\r\nbody\r\n--B--", "longer than"),
         (b"--B\r\nContent-Length: 3\r\n\r\nbody\r\n--B--", "where its Content-Length ends"),
         (b"--B\r\nContent-Length: 5\r\n\r\nbody\r\n--B--", "where its Content-Length ends"),
-        (b"--B\r\nContent-Length: 50\r\n\r\nbody\r\n--B--", "ends before the closing"),
+        (b"--B\r\nContent-Length: 50\r\n\r\nbody\r\n--B--", "ends before the 50 bytes of a part's Content-Length"),
         (b"--B\r\nContent-Length: 4\r\n\r\nbody", "ends before the closing"),
         (b"--B\r\nContent-Length: -4\r\n\r\nbody\r\n--B--", "invalid Content-Length"),
         (b"--B\r\nContent-Length: 1e3\r\n\r\nbody\r\n--B--", "invalid Content-Length"),
