@@ -21,11 +21,12 @@ from . import __version__, plugins
 from .api import build_application
 from .apps import AppRegistry, build_engine_options
 from .config import Settings, read_tokens
+from .datalock import FolderLock
 from .db import Database
 from .delivery import DeliveryService, create_sinks
 from .engines import EngineRegistry
 from .engines.local import log_tail
-from .errors import ConfigError, MwmError, ShuttingDown, StorageFull
+from .errors import ConfigError, MwmError, ShuttingDown, StorageError, StorageFull
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
 from .metrics import Metrics
@@ -169,6 +170,15 @@ class Service:
         async with contextlib.AsyncExitStack() as stack:
             tokens = {t.token: t.role for t in read_tokens(settings.server)}
             self._check_listen_policy(tokens)
+
+            # Before anything in the data folder is touched (crash leftovers are purged and
+            # orphaned jobs stopped below: another server's would be taken for them).
+            lock = FolderLock.for_data(settings.data_dir, settings.database_path)
+            try:
+                await asyncio.to_thread(lock.acquire)
+            except OSError as exc:
+                raise StorageError(f"cannot lock the data folder {settings.data_dir}", str(exc)) from exc
+            stack.callback(lock.release)
 
             self.db = Database(
                 settings.database_path,
