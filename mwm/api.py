@@ -487,12 +487,11 @@ async def get_instance(request: web.Request) -> web.Response:
 
 async def list_apps(request: web.Request) -> web.Response:
     registry = service_of(request).apps
-    return json_response({"apps": [registry.describe(a) for a in registry.all()]})
+    return json_response({"apps": registry.listing()})
 
 
 async def get_app(request: web.Request) -> web.Response:
-    registry = service_of(request).apps
-    return json_response(registry.describe(registry.get(request.match_info["id"])))
+    return json_response(service_of(request).apps.describe_id(request.match_info["id"]))
 
 
 async def create_app(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ read-only over the API: the file is their source of truth.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,8 +15,10 @@ from typing import Any
 from . import plugins
 from .config import AppSpec, Settings, parse_app
 from .db import Database
-from .errors import ConfigError, Conflict, NotFound, PluginError
+from .errors import ConfigError, Conflict, MwmError, NotFound, PluginError
 from .options import build, to_plain
+
+log = logging.getLogger(__name__)
 
 
 def app_to_json(app: AppSpec) -> dict[str, Any]:
@@ -37,6 +40,10 @@ class AppRegistry:
         self._origins: dict[str, str] = {}
         self._engine_options: dict[str, Any] = {}
         self._sink_ids = {s.id for s in settings.sinks}
+        #: Applications created over the API that this configuration cannot run (a sink or an
+        #: engine it names is gone): their stored table and why. They receive nothing until
+        #: updated or deleted over the API; a server does not refuse to start because of them.
+        self._unusable: dict[str, tuple[dict[str, Any], str]] = {}
 
     def validate(self, app: AppSpec, where: str) -> Any:
         """Check references and the engine's own options; returns the built engine options."""
@@ -58,8 +65,22 @@ class AppRegistry:
         await self._db.sync_config_apps(config_specs, time.time())
         for row in await self._db.list_apps():
             where = f"application {row['id']!r}"
-            app = parse_app(row["spec"], where)
-            self._engine_options[app.id] = self.validate(app, where)
+            try:
+                app = parse_app(row["spec"], where)
+                options = self.validate(app, where)
+            except MwmError as exc:
+                if row["origin"] == "config":
+                    raise
+                problem = exc.message + (f" ({exc.detail})" if exc.detail else "")
+                log.warning(
+                    "%s, created over the API, cannot run and receives nothing: %s; update it "
+                    "(mwm apps update) or delete it (mwm apps delete)",
+                    where,
+                    problem,
+                )
+                self._unusable[row["id"]] = (dict(row["spec"]), problem)
+                continue
+            self._engine_options[app.id] = options
             self._apps[app.id] = app
             self._origins[app.id] = row["origin"]
 
@@ -84,6 +105,28 @@ class AppRegistry:
     def describe(self, app: AppSpec) -> dict[str, Any]:
         return {**app_to_json(app), "origin": self.origin(app.id)}
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every application as the API shows it, those that cannot run included (with why)."""
+        return [self.describe(app) for app in self._apps.values()] + [
+            self._describe_unusable(app_id) for app_id in self._unusable
+        ]
+
+    def describe_id(self, app_id: str) -> dict[str, Any]:
+        if app_id in self._unusable:
+            return self._describe_unusable(app_id)
+        return self.describe(self.get(app_id))
+
+    def _describe_unusable(self, app_id: str) -> dict[str, Any]:
+        spec, problem = self._unusable[app_id]
+        return {**spec, "id": app_id, "enabled": False, "origin": "api", "problem": problem}
+
+    def unusable(self, app_id: str, otherwise: str) -> str:
+        """Why ``app_id``, which is not among the usable applications, cannot be used: what is
+        wrong with it, or ``otherwise`` (formatted with its id) when there is no such application."""
+        if app_id in self._unusable:
+            return f"application {app_id!r} cannot run: {self._unusable[app_id][1]}"
+        return otherwise.format(app_id)
+
     async def save(self, data: Mapping[str, Any], *, app_id: str | None = None, create: bool) -> AppSpec:
         """Create or replace an API application from its table form."""
         if app_id is not None:
@@ -91,7 +134,7 @@ class AppRegistry:
             if data["id"] != app_id:
                 raise ConfigError(f"id: cannot change an application's id ({app_id!r} to {data['id']!r})")
         app = parse_app(data, "application")
-        exists = app.id in self._apps
+        exists = app.id in self._apps or app.id in self._unusable
         if create and exists:
             raise Conflict(f"application {app.id!r} already exists")
         if not create and not exists:
@@ -103,16 +146,19 @@ class AppRegistry:
         self._apps[app.id] = app
         self._origins[app.id] = "api"
         self._engine_options[app.id] = options
+        self._unusable.pop(app.id, None)
         return app
 
     async def delete(self, app_id: str) -> None:
-        self.get(app_id)
+        if app_id not in self._unusable:
+            self.get(app_id)
         if self.origin(app_id) == "config":
             raise Conflict(f"application {app_id!r} is defined in the configuration file; remove it there")
         await self._db.delete_app(app_id, time.time())
         self._apps.pop(app_id, None)
         self._engine_options.pop(app_id, None)
         self._origins.pop(app_id, None)
+        self._unusable.pop(app_id, None)
 
 
 def build_engine_options(app: AppSpec, where: str) -> Any:

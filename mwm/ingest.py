@@ -317,7 +317,9 @@ class Ingestor:
     def check_apps(self, app_ids: Sequence[str]) -> None:
         for app_id in app_ids:
             if app_id not in self.apps:
-                raise NotFound(f"no application {app_id!r}", "the app parameter names an unknown application")
+                raise NotFound(
+                    self.apps.unusable(app_id, "no application {!r}"), "the app parameter names no usable application"
+                )
 
     async def ingest_file(self, staged: Path | Received, origin: Origin) -> Outcome:
         """Ingest a received instance (or a complete file in the staging folder); its staging file,

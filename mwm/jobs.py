@@ -245,7 +245,7 @@ class JobService:
                     "failed",
                     now=now,
                     finished_at=now,
-                    error=f"application {app_id!r} no longer exists",
+                    error=self.apps.unusable(app_id, "application {!r} no longer exists"),
                 )
                 continue
             if self._active_apps[app_id] + planned[app_id] >= self.apps.get(app_id).max_parallel:

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 import synthetic
 from support import SAMPLE_APP, base_config, eventually, python_app, upload_files, wait_job_state, wait_jobs
+
+from mwm.client import ClientError
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -427,6 +430,38 @@ async def test_app_management_api(tmp_path, make_service, client_for, small_stud
     await client2.delete("/v1/apps/api-app")
     assert {a["id"] for a in (await client2.get("/v1/apps"))["apps"]} == {"ct"}
     json.dumps(created)  # the API's JSON is plain JSON
+
+
+async def test_an_api_application_the_configuration_can_no_longer_run_does_not_stop_the_server(
+    tmp_path, make_service, client_for, small_study
+):
+    """Its sink was removed from the configuration file: mwm starts anyway; the application says
+    why, receives nothing (explicitly named, it is refused with the reason) until it is updated."""
+    with_sink = base_config(tmp_path, sinks=[{"id": "out", "kind": "folder", "path": str(tmp_path / "out")}])
+    service = await make_service(with_sink)
+    client = await client_for(service)
+    spec = {"id": "api-app", "command": ["true"], "timeout": "100ms", "match": {"modality": ["CT"]}, "sinks": ["out"]}
+    await client.post("/v1/apps", spec)
+    await service.stop()
+
+    service = await make_service(base_config(tmp_path))  # the sink "out" is gone
+    client = await client_for(service)
+    shown = await client.get("/v1/apps/api-app")
+    assert shown["enabled"] is False and "no sink with id 'out'" in shown["problem"]
+    assert [a["id"] for a in (await client.get("/v1/apps"))["apps"]] == ["api-app"]
+    await upload_files(client, small_study.paths[:2])
+    await asyncio.sleep(0.3)
+    assert (await client.get("/v1/buckets"))["buckets"] == []  # discovery leaves it out
+    with pytest.raises(ClientError) as refused:
+        await upload_files(client, small_study.paths[:1], apps=["api-app"])
+    assert refused.value.status == 404 and "cannot run: " in refused.value.message
+    assert "no sink with id 'out'" in refused.value.message
+
+    updated = await client.put("/v1/apps/api-app", {**spec, "sinks": []})
+    assert updated["enabled"] is True and "problem" not in updated
+    await upload_files(client, small_study.paths[2:4])
+    (job,) = await wait_jobs(client, 1)
+    assert job["app_id"] == "api-app"
 
 
 async def test_a_job_running_when_mwm_stops_runs_again_after_the_restart(
