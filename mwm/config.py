@@ -246,6 +246,9 @@ class Settings:
     apps: tuple[AppSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     source: Path | None = None
+    #: The keys set by ``MWM_*`` environment variables (``"storage.fsync"``: ``"MWM_STORAGE_FSYNC"``),
+    #: so an error about one names the variable rather than a file the key is not in.
+    environment: Mapping[str, str] = field(default_factory=_empty)
 
     @property
     def data_dir(self) -> Path:
@@ -307,8 +310,11 @@ def _env_value(raw: str) -> object:
         return raw
 
 
-def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Apply ``MWM_<SECTION>_<KEY>`` overrides (e.g. ``MWM_SERVER_HTTP``) to the raw tables."""
+def apply_environment(
+    data: dict[str, Any], environ: Mapping[str, str], applied: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Apply ``MWM_<SECTION>_<KEY>`` overrides (e.g. ``MWM_SERVER_HTTP``) to the raw tables; each
+    key set is recorded in ``applied`` (``"server.http"``: ``"MWM_SERVER_HTTP"``)."""
     sections = sorted([*list(_SECTIONS), "storage"], key=len, reverse=True)
     for name, raw in sorted(environ.items()):
         if not name.startswith("MWM_") or name in CLIENT_ENVIRONMENT:
@@ -327,10 +333,22 @@ def apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[
         if not isinstance(table, dict):
             raise ConfigError(f"{section}: expected a table")
         table[key] = _env_value(raw)
+        if applied is not None:
+            applied[f"{section}.{key}"] = name
     return data
 
 
-def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Settings:
+def naming_the_environment(exc: ConfigError, environment: Mapping[str, str]) -> ConfigError:
+    """``exc`` with the environment variable named when the key it is about was set by one."""
+    for key, name in environment.items():
+        if exc.message.startswith((f"{key}:", f"{key}.", f"{key}[")):
+            return ConfigError(f"{exc.message} (set by {name})", exc.detail)
+    return exc
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], source: Path | None = None, environment: Mapping[str, str] | None = None
+) -> Settings:
     """Validate raw configuration tables and build the frozen ``Settings``."""
     known = set(_SECTIONS) | {"storage", "apps", "sinks", "engines"}
     unknown = sorted(set(data) - known)
@@ -387,6 +405,7 @@ def settings_from_mapping(data: Mapping[str, Any], source: Path | None = None) -
         apps=apps,
         sinks=sinks,
         source=source,
+        environment=MappingProxyType(dict(environment or {})),
     )
 
 
@@ -411,8 +430,12 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc}") from None
-    data = apply_environment(data, environ)
-    return settings_from_mapping(data, source=path)
+    applied: dict[str, str] = {}
+    data = apply_environment(data, environ, applied)
+    try:
+        return settings_from_mapping(data, source=path, environment=applied)
+    except ConfigError as exc:
+        raise naming_the_environment(exc, applied) from None
 
 
 def read_tokens(settings: ServerSettings) -> tuple[TokenSpec, ...]:

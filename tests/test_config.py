@@ -82,6 +82,23 @@ def test_environment_overrides(tmp_path) -> None:
         load_settings(path, environ={"MWM_SERVER_HTTP_PORT": "1"})
     with pytest.raises(ConfigError, match="MWM_SEVER_HTTP: unknown environment override"):
         load_settings(path, environ={"MWM_SEVER_HTTP": "1"})
+    assert settings.environment == {
+        "server.http": "MWM_SERVER_HTTP",
+        "jobs.max_parallel": "MWM_JOBS_MAX_PARALLEL",
+        "storage.fsync": "MWM_STORAGE_FSYNC",
+    }
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path) -> None:
+    path = tmp_path / "mwm.toml"
+    path.write_text('[server]\nhttp = "nonsense"\n[jobs]\nmax_parallel = -1\n')
+    with pytest.raises(ConfigError) as from_file:
+        load_settings(path, environ={"MWM_JOBS_MAX_PARALLEL": "2"})
+    assert from_file.value.message.startswith("server.http: ") and "MWM_" not in from_file.value.message
+    with pytest.raises(ConfigError) as from_environment:
+        load_settings(path, environ={"MWM_SERVER_HTTP": "127.0.0.1:8080", "MWM_JOBS_MAX_PARALLEL": "-3"})
+    message = from_environment.value.message
+    assert message == "jobs.max_parallel: must be greater than zero, got -3 (set by MWM_JOBS_MAX_PARALLEL)"
 
 
 def test_file_errors_are_clear(tmp_path) -> None:
