@@ -8,16 +8,23 @@ clock: ages, countdowns and the "retrying in" of the unreachable banner.
 
 The clock is injected (``clock=``) and every time shown is computed from it, so a test can freeze
 time; ``display_url=`` fixes the address shown in the top bar.
+
+Whatever the client raises is shown in the unreachable banner (see ``Feed``); an error the console
+does not expect stops it, and is printed without local variables and with the token blanked out
+(``crash``). ``run_tui`` refuses to start outside a terminal.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
+from rich.console import RenderableType
+from rich.segment import Segments
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
@@ -27,6 +34,7 @@ from textual.widgets import Footer, TabbedContent, TabPane
 
 from ..client import Client, ClientError
 from .apps import AppsPane
+from .crash import crash_report, safe_renderable
 from .data import Feed, LinkStatus, Role, Store, Unreachable, Update
 from .fmt import clip, light_terminal, retry_text
 from .jobs import JobsPane
@@ -106,6 +114,7 @@ class MwmApp(App[int]):
         self.client_factory = client_factory
         self.feed_options = dict(feed_options or {})
         self.store = Store()
+        self._failure: BaseException | None = None
         self.role: Role | None = None
         self.link = LinkStatus("connecting")
         self.last_event: dict[str, Any] | None = None
@@ -308,9 +317,72 @@ class MwmApp(App[int]):
         else:
             self.action_show_help_panel()
 
+    # -- errors nobody expected ---------------------------------------------------------------
+    # Textual stops on them and prints a traceback with every frame's local variables, among
+    # which the client's headers, and so the token: here they are printed by crash_report.
 
-def run_tui(*, url: str, token: str | None = None, theme: str | None = None) -> int:
-    """Run the console until the user quits; the exit status."""
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        """What must never be shown."""
+        return (self.token,)
+
+    def _handle_exception(self, error: Exception) -> None:
+        self._failure = error
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        error = sys.exception() or self._failure
+        self.bell()
+        if error is not None:
+            report = crash_report(error, self.secrets)
+            self._exit_renderables.append(Segments(self.console.render(report, self.console.options)))
+        self._close_messages_no_wait()
+
+    def panic(self, *renderables: RenderableType) -> None:
+        super().panic(*(safe_renderable(r, self.secrets) for r in renderables))
+
+
+#: What ``mwm tui`` says, and its exit status (a usage error), when it is not run in a terminal.
+NEEDS_TERMINAL = (
+    "mwm tui needs a terminal; use mwm jobs / mwm buckets / mwm apps / mwm sinks / mwm deliveries for plain output"
+)
+EXIT_NOT_A_TERMINAL = 2
+
+
+def is_terminal(stream: object) -> bool:
+    """Whether ``stream`` is a terminal (a closed, missing or odd stream is not)."""
+    isatty = getattr(stream, "isatty", None)
+    if not callable(isatty):
+        return False
+    try:
+        return bool(isatty())
+    except (OSError, ValueError):
+        return False
+
+
+def run_tui(
+    *,
+    url: str,
+    token: str | None = None,
+    theme: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the console until the user quits; the exit status.
+
+    The console draws on the whole screen and reads the keyboard: with any of the standard
+    streams (``sys``'s by default) redirected to a file or a pipe, it says so on ``stderr`` and
+    returns :data:`EXIT_NOT_A_TERMINAL` without starting.
+    """
+    streams = (
+        sys.stdin if stdin is None else stdin,
+        sys.stdout if stdout is None else stdout,
+        sys.stderr if stderr is None else stderr,
+    )
+    if not all(is_terminal(stream) for stream in streams):
+        print(NEEDS_TERMINAL, file=streams[2])
+        return EXIT_NOT_A_TERMINAL
     app = MwmApp(url, token, theme=theme)
     app.run()
     return app.return_code or 0

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 
 from ..client import Client, ClientError
-from .fmt import ACTIVE_JOB_STATES
+from .fmt import ACTIVE_JOB_STATES, clip
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,39 @@ def short_reason(detail: str | None) -> str:
     if first.endswith("]") and "[" in first:  # "Cannot connect to host H:P ssl:default [reason]"
         first = first[first.rindex("[") + 1 : -1]
     return first[:80]
+
+
+#: An ``Authorization`` value written into a message, whatever the token (``Bearer abc…``).
+BEARER_VALUE = re.compile(r"(?i)\b(bearer)\s+[^\s'\",;)}\]]+")
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with each secret, and any bearer value, replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return BEARER_VALUE.sub(rf"\1 {REDACTED}", text)
+
+
+def describe_error(exc: BaseException, secrets: Iterable[str | None] = ()) -> str:
+    """An unexpected failure in one line for the banner: its kind and first line, secrets blanked.
+
+    Of a group of exceptions (a task group's), the first one. The addresses aiohttp refuses are
+    described without the address: the top bar shows it already.
+    """
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, aiohttp.NonHttpUrlClientError):
+        return "the address must start with http:// or https://"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "invalid address"
+    if isinstance(exc, ClientError):  # its message is meant to be read
+        text = f"{exc.message}: {exc.detail}" if exc.detail else exc.message
+    else:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        text = f"{type(exc).__name__}: {lines[0].strip()}" if lines else type(exc).__name__
+    return clip(redact(text, secrets), 100)
 
 
 @dataclass(frozen=True)
@@ -293,17 +327,39 @@ class Feed:
             raise Unreachable(f"no answer from mwm within {self.request_timeout:g} s") from None
         except ClientError as exc:
             if exc.status is None:
-                raise Unreachable(short_reason(exc.detail or exc.message)) from None
+                raise Unreachable(redact(short_reason(exc.detail or exc.message), (self.token,))) from None
             if exc.status == 403 and self.role != "read":
                 self.role = "read"
                 self.listener.feed_role("read")
             raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the client is reported the same way
+            raise Unreachable(self.describe(exc)) from None
         self.invalidate(*LIST_TOPICS, JOB, LOG)
         return answer
+
+    def describe(self, exc: BaseException) -> str:
+        """``exc`` in one line, without the token."""
+        return describe_error(exc, (self.token,))
 
     # -- the loops ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Until cancelled. What the loops do not expect (a client that cannot be made, a bug)
+        stops them all: it is reported like an unreachable mwm, and they start again after the
+        back-off, with a new client."""
+        while True:
+            try:
+                await self._run_loops()
+            except Exception as exc:  # noqa: BLE001 - the console goes on showing mwm whatever went wrong
+                reason = self.describe(exc)
+                log.debug("the console's loops stopped: %s", reason)
+                self._streaming = False
+                self._role_task = None
+                await self._back_off(Unreachable(reason))
+                self._dirty |= ALL_TOPICS
+                self._dirty_event.set()
+
+    async def _run_loops(self) -> None:
         async with self.client_factory(self.url, self.token) as client:
             self._client = client
             try:
@@ -357,9 +413,9 @@ class Feed:
             try:
                 await self._follow_stream()
                 failures = 0
-            except (aiohttp.ClientError, TimeoutError, ValueError, StreamUnavailable) as exc:
+            except Exception as exc:  # noqa: BLE001 - the lists are polled whatever ended the stream
                 failures += 1
-                log.debug("event stream: %r", exc)
+                log.debug("event stream: %s", self.describe(exc))
             if self._streaming:
                 self._streaming = False
                 if self._up.is_set():
@@ -454,10 +510,12 @@ class Feed:
             raise Unreachable(f"no answer within {self.request_timeout:g} s") from None
         except ClientError as exc:
             if exc.status is None:
-                raise Unreachable(short_reason(exc.detail or exc.message)) from None
+                raise Unreachable(redact(short_reason(exc.detail or exc.message), (self.token,))) from None
             if exc.status == 401:
                 raise Unreachable("the token was refused (HTTP 401)", unauthorized=True) from None
             raise
+        except Exception as exc:  # noqa: BLE001 - the client's own failures: an address aiohttp refuses, a bug
+            raise Unreachable(self.describe(exc)) from None
 
     async def _fetch(self, topics: Iterable[str]) -> Update:
         wanted = sorted(set(topics))
@@ -475,6 +533,8 @@ class Feed:
                     continue
                 update.errors[topic] = answer.message
                 continue
+            if isinstance(answer, Exception):  # an answer not as expected (no list in it)
+                raise Unreachable(f"unexpected answer to {topic}: {self.describe(answer)}")
             if isinstance(answer, BaseException):
                 raise answer
             setattr(update, topic, answer)
@@ -531,7 +591,7 @@ class Feed:
                 role = "admin"
             except ClientError as exc:
                 role = "read" if exc.status == 403 else "admin" if exc.status in (404, 405, 409) else None
-            except TimeoutError:
+            except Exception:  # noqa: BLE001 - a timeout or anything else: the role stays unknown
                 role = None
         if role is None:
             self._role_task = None
