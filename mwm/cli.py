@@ -12,19 +12,38 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .client import DEFAULT_URL, Client, ClientError
+from .client import DEFAULT_URL, Client, ClientError, normalise_url
 from .errors import MwmError
+
+if TYPE_CHECKING:
+    from .send import SendSummary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: The width of output that is not a terminal: a row is one line, whatever its length.
+UNLIMITED_WIDTH = 1 << 20
+
+#: A table column is cut down to no fewer characters than this (or its header's) on a narrow terminal.
+MIN_CUT_WIDTH = 12
+
+#: Characters between two table columns.
+TABLE_GAP = 2
+
+
 def _console() -> Any:
+    """Where the commands print: on a terminal, its width; piped or redirected, lines are never
+    wrapped or cut, so that ``grep`` and ``awk`` see one row per line."""
     from rich.console import Console
 
-    return Console()
+    try:
+        terminal = os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        terminal = False
+    return Console() if terminal else Console(width=UNLIMITED_WIDTH)
 
 
 def _age(iso_text: str | None) -> str:
@@ -45,15 +64,66 @@ def _duration(seconds: float | None) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
-def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def _fit(natural: Sequence[int], floors: Sequence[int], available: int) -> list[int]:
+    """Column widths within ``available``: the widest columns are cut first, none below its floor."""
+    widths = list(natural)
+    while sum(widths) > available:
+        cuttable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not cuttable:
+            break  # the floors alone are too wide: the terminal wraps the rows
+        widest = max(cuttable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    return widths
+
+
+def _table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    cut_first: Sequence[str] = (),
+    console: Any = None,
+) -> None:
+    """A table, one row per line. Cells are never wrapped; on a terminal too narrow for it, the
+    widest columns end with an ellipsis (those of ``cut_first`` before the others), so that
+    words, ids and UIDs are never split. Piped or redirected (a console of
+    :data:`UNLIMITED_WIDTH`), nothing is cut."""
+    from rich import box
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("-" if v is None else str(v) for v in row))
-    _console().print(table)
+    console = console or _console()
+    cells = [["-" if v is None else str(v) for v in row] for row in rows]
+    natural = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    floors = [n if n <= MIN_CUT_WIDTH else max(MIN_CUT_WIDTH, len(c)) for n, c in zip(natural, columns, strict=True)]
+    gaps = TABLE_GAP * (len(columns) - 1)
+    keep = [n if c not in cut_first else f for n, f, c in zip(natural, floors, columns, strict=True)]
+    widths = _fit(_fit(natural, keep, console.width - gaps), floors, console.width - gaps)
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, TABLE_GAP - 1, 0, 0),
+    )
+    for column, width in zip(columns, widths, strict=True):
+        table.add_column(column, width=width, no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*row)
+    if sum(widths) + gaps > console.width:
+        # Even cut down, the rows are wider than the terminal: let it wrap them rather than cut more.
+        console = Console(
+            width=sum(widths) + gaps,
+            file=console.file,
+            force_terminal=console.is_terminal,
+            color_system=console.color_system,
+        )
+    with console.capture() as captured:
+        console.print(table, crop=False)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    console.file.flush()
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -105,15 +175,54 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.token, cafile=args.cacert)
 
 
-def cmd_send(args: argparse.Namespace) -> int:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
+def _speed_column() -> Any:
+    """The progress bar's speed: the bar counts files, so files per second."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class FilesPerSecond(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("? files/s" if speed is None else f"{speed:.0f} files/s", style="progress.data.speed")
+
+    return FilesPerSecond()
+
+
+def _describe(exc: ClientError) -> str:
+    """A client error in one line; a refused token says how to give one to the command line."""
+    detail = "use --token or MWM_TOKEN" if exc.status == 401 else exc.detail
+    return exc.message + (f" ({detail})" if detail else "")
+
+
+def _counts(summary: SendSummary) -> str:
+    text = (
+        f"{summary.stored} stored, {summary.duplicate} duplicates, {summary.rejected} rejected, {summary.failed} failed"
     )
+    return text + (f", {summary.skipped} skipped" if summary.skipped else "")
+
+
+def _send_json(summary: SendSummary, elapsed: float) -> str:
+    data: dict[str, Any] = {
+        "files": summary.files,
+        "stored": summary.stored,
+        "duplicates": summary.duplicate,
+        "rejected": summary.rejected,
+        "failed": summary.failed,
+        "seconds": round(elapsed, 3),
+        "bytes": summary.sent_bytes,
+        "reasons": dict(summary.reasons),
+        "sent": summary.sent,
+        "skipped": summary.skipped,
+        "skip_reasons": dict(summary.skip_reasons),
+        "problems": [p.to_json() for p in summary.sorted_problems()],
+    }
+    if summary.error is not None:
+        data["error"] = _describe(summary.error)
+    return json.dumps(data)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .send import find_files, send
 
@@ -128,12 +237,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     console = _console()
     started = time.perf_counter()
 
-    async def run() -> Any:
+    async def run() -> SendSummary:
         with Progress(
             TextColumn("sending"),
             BarColumn(),
             MofNCompleteColumn(),
-            TransferSpeedColumn(),
+            _speed_column(),
             TimeRemainingColumn(),
             console=console,
             disable=args.quiet or not console.is_terminal,
@@ -155,32 +264,57 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     summary = asyncio.run(run())
     elapsed = time.perf_counter() - started
-    rate = summary.files / elapsed if elapsed > 0 else 0.0
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "files": summary.files,
-                    "stored": summary.stored,
-                    "duplicates": summary.duplicate,
-                    "rejected": summary.rejected,
-                    "failed": summary.failed,
-                    "seconds": round(elapsed, 3),
-                    "bytes": summary.sent_bytes,
-                    "reasons": dict(summary.reasons),
-                }
+        print(_send_json(summary, elapsed))
+    if summary.error is not None:
+        # Every other file would have met the same error: one message, not one per file.
+        print(f"mwm send: {_describe(summary.error)}", file=sys.stderr)
+        if summary.sent or summary.skipped:
+            print(
+                f"mwm send: stopped after {summary.sent} of {summary.files} files: {_counts(summary)}",
+                file=sys.stderr,
             )
-        )
-    else:
+        return EXIT_FAILED
+    if summary.sent == 0 and summary.skipped:
+        print("mwm send: nothing sent: no DICOM Part-10 file among the files given", file=sys.stderr)
+        _print_problems(console, summary, verbose=args.verbose)
+        return EXIT_USAGE
+    if not args.json:
+        rate = summary.sent / elapsed if elapsed > 0 else 0.0
         console.print(
-            f"sent {summary.files} files ({summary.sent_bytes / 1e6:.1f} MB) in {elapsed:.2f}s ({rate:.0f}/s): "
+            f"sent {summary.sent} files ({summary.sent_bytes / 1e6:.1f} MB) in {elapsed:.2f}s ({rate:.0f} files/s): "
             f"[green]{summary.stored} stored[/], {summary.duplicate} duplicates, "
             f"[{'red' if summary.rejected else 'default'}]{summary.rejected} rejected[/], "
             f"[{'red' if summary.failed else 'default'}]{summary.failed} failed[/]"
+            + (f", [yellow]{summary.skipped} skipped[/]" if summary.skipped else ""),
+            soft_wrap=True,
+            highlight=False,
         )
-        for reason, count in summary.reasons.most_common():
-            console.print(f"  {count} x {reason} (e.g. {summary.examples[reason]})", markup=False, highlight=False)
+        _print_problems(console, summary, verbose=args.verbose)
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _print_problems(console: Any, summary: SendSummary, *, verbose: bool) -> None:
+    """Every file not stored (``verbose``), or how many per reason with an example of each."""
+    if verbose:
+        for problem in summary.sorted_problems():
+            console.print(
+                f"  {problem.status:8}  {problem.path}: {problem.reason}", markup=False, highlight=False, soft_wrap=True
+            )
+        return
+    for reason, count in summary.reasons.most_common():
+        console.print(
+            f"  {count} x {reason} (e.g. {summary.examples[reason]})", markup=False, highlight=False, soft_wrap=True
+        )
+    for reason, count in summary.skip_reasons.most_common():
+        console.print(
+            f"  {count} skipped: {reason} (e.g. {summary.examples[reason]})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    if summary.problems:
+        console.print("  (--verbose lists every file)", highlight=False, soft_wrap=True)
 
 
 def _api(args: argparse.Namespace, action: Callable[[Client], Awaitable[int]]) -> int:
@@ -215,6 +349,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     )
                     for j in data["jobs"]
                 ],
+                cut_first=["error"],
             )
             return EXIT_OK
         if args.id is None:
@@ -239,10 +374,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _print_job(job: dict[str, Any]) -> None:
+    from rich.markup import escape
+
     console = _console()
     console.print(
         f"[bold]job {job['id']}[/] {job['app_id']}  state=[bold]{job['state']}[/]  "
-        f"attempt {job['attempt']}/{job['max_attempts']}"
+        f"attempt {job['attempt']}/{job['max_attempts']}",
+        soft_wrap=True,
     )
     for label, key in (
         ("study", "study_instance_uid"),
@@ -252,36 +390,47 @@ def _print_job(job: dict[str, Any]) -> None:
         ("started", "started_at"),
         ("finished", "finished_at"),
     ):
-        console.print(f"  {label:15} {job.get(key) or '-'}", highlight=False)
-    console.print(f"  {'run time':15} {_duration(job['run_seconds'])}", highlight=False)
+        console.print(f"  {label:15} {job.get(key) or '-'}", highlight=False, soft_wrap=True)
+    console.print(f"  {'run time':15} {_duration(job['run_seconds'])}", highlight=False, soft_wrap=True)
     if job.get("error"):
-        console.print(f"  [red]error[/] {job['error']}", markup=True, highlight=False)
+        console.print(f"  [red]error[/] {escape(job['error'])}", markup=True, highlight=False, soft_wrap=True)
     for series in job.get("series", []):
         console.print(
             f"  series {series['series_instance_uid']} {series['modality']} "
             f"'{series['series_description']}': {series['instance_count']} instances",
             highlight=False,
+            soft_wrap=True,
         )
     for result in job.get("results", []):
         console.print(
             f"  result {result['id']}: {result['path']} ({result['media_type']}, {result['size']} bytes)",
             highlight=False,
+            soft_wrap=True,
         )
     for delivery in job.get("deliveries", []):
         console.print(
             f"  delivery {delivery['id']} result {delivery['result_id']} -> {delivery['sink_id']}: "
             f"{delivery['state']}" + (f" ({delivery['last_error']})" if delivery["last_error"] else ""),
             highlight=False,
+            soft_wrap=True,
         )
     if job.get("result_data"):
-        console.print(f"  result data: {json.dumps(job['result_data'])}", highlight=False, markup=False)
+        console.print(f"  result data: {json.dumps(job['result_data'])}", highlight=False, markup=False, soft_wrap=True)
     if job.get("log_tail"):
-        console.print("  log (last lines):", highlight=False)
+        console.print("  log (last lines):", highlight=False, soft_wrap=True)
         for line in job["log_tail"].splitlines():
-            console.print(f"    {line}", highlight=False, markup=False)
+            console.print(f"    {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 def cmd_apps(args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {}
+    if args.action in ("add", "update"):
+        try:
+            spec = _read_spec(Path(args.id), needs_id=args.action == "update")
+        except SpecError as exc:
+            print(f"mwm apps {args.action}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
     async def action(client: Client) -> int:
         if args.action == "show":
             print(json.dumps(await client.get(f"/v1/apps/{args.id}"), indent=2))
@@ -291,7 +440,6 @@ def cmd_apps(args: argparse.Namespace) -> int:
             print(f"application {args.id} deleted")
             return EXIT_OK
         if args.action in ("add", "update"):
-            spec = _read_spec(Path(args.id))
             if args.action == "add":
                 app = await client.post("/v1/apps", spec)
             else:
@@ -309,7 +457,7 @@ def cmd_apps(args: argparse.Namespace) -> int:
                 (
                     a["id"],
                     a["engine"],
-                    a["enabled"],
+                    "yes" if a["enabled"] else "no",
                     _rules(a["match"]),
                     a["grouping"],
                     _duration(a["timeout"]),
@@ -318,17 +466,37 @@ def cmd_apps(args: argparse.Namespace) -> int:
                 )
                 for a in data["apps"]
             ],
+            cut_first=["match", "sinks"],
         )
         return EXIT_OK
 
     return _api(args, action)
 
 
-def _read_spec(path: Path) -> dict[str, Any]:
+class SpecError(Exception):
+    """An application file that cannot be read; the message says why, in one line."""
+
+
+def _read_spec(path: Path, *, needs_id: bool = False) -> dict[str, Any]:
+    """An application from a TOML (``.toml``) or JSON file (one that ``needs_id`` names its id)."""
     import tomllib
 
-    text = path.read_text(encoding="utf-8")
-    data: dict[str, Any] = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        data: Any = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError as exc:
+        raise SpecError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected one application (a JSON object), not {type(data).__name__}")
+    if needs_id and (not isinstance(data.get("id"), str) or not data["id"]):
+        raise SpecError(f"{path}: the application has no id")
     return data
 
 
@@ -362,6 +530,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
                 )
                 for b in data["buckets"]
             ],
+            cut_first=["study / group"],
         )
         return EXIT_OK
 
@@ -408,6 +577,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 (d["id"], d["job_id"], d["result_id"], d["sink_id"], d["state"], d["attempts"], d["last_error"])
                 for d in data["deliveries"]
             ],
+            cut_first=["last error"],
         )
         return EXIT_OK
 
@@ -434,6 +604,24 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _correlation_id(text: str) -> str:
+    """An argparse type: what mwm accepts as X-Correlation-ID (checked here, before any upload)."""
+    if len(text) > 128 or any(not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError("must be printable and at most 128 characters")
+    return text
+
+
 def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
@@ -452,6 +640,7 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mwm", description="Workload manager for medical-imaging AI.")
+    parser.add_argument("--version", action="version", version=f"mwm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the service")
@@ -471,10 +660,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--called-aet", metavar="AET", help="the AE title the instances are sent to")
     p.add_argument("--calling-aet", metavar="AET", help="the AE title they are sent from")
-    p.add_argument("--correlation-id", metavar="ID")
-    p.add_argument("--concurrency", type=int, default=4, help="parallel uploads (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="instances per request (default: %(default)s)")
+    p.add_argument("--correlation-id", metavar="ID", type=_correlation_id)
+    p.add_argument(
+        "--concurrency", type=_positive, default=4, metavar="N", help="parallel uploads (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch", type=_positive, default=8, metavar="N", help="instances per request (default: %(default)s)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="list every file rejected, failed or skipped in the summary"
+    )
     _client_options(p)
     p.set_defaults(func=cmd_send)
 
@@ -543,11 +739,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.command, getattr(args, "action", None)) in needs_id and args.id is None:
         print(f"mwm {args.command} {args.action}: an id is required", file=sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "url", None) is not None:
+        try:
+            args.url = normalise_url(args.url)
+        except ClientError as exc:
+            print(f"mwm {args.command}: {_describe(exc)}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         result: int = args.func(args)
         return result
     except ClientError as exc:
-        print(f"mwm: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
+        print(f"mwm: {_describe(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

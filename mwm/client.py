@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from .errors import MwmError
 
@@ -20,18 +25,81 @@ class ClientError(MwmError):
 
     code = "client_error"
 
-    def __init__(self, message: str, detail: str | None = None, *, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, detail: str | None = None, *, status: int | None = None, unreachable: bool = False
+    ) -> None:
         super().__init__(message, detail)
         self.status = status
+        #: No connection could be made at all (refused, unknown host, TLS rejected): nothing was sent.
+        self.unreachable = unreachable
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def normalise_url(url: str) -> str:
+    """mwm's address as given to ``--url``: ``HOST:PORT`` (as the configuration writes it) means
+    ``http://HOST:PORT``; any scheme other than http or https is a :class:`ClientError`."""
+    text = url.strip()
+    if not text:
+        raise ClientError("--url is empty", "give mwm's address, e.g. http://127.0.0.1:8080")
+    match = _SCHEME.match(text)
+    if match is None:
+        text = "http://" + text
+    elif match.group(1).lower() not in ("http", "https"):
+        raise ClientError("--url must start with http:// or https://", f"{match.group(1)}:// is not supported")
+    try:
+        parsed = URL(text)
+    except ValueError as exc:
+        raise ClientError(f"--url is not a valid address: {url.strip()!r}", str(exc)) from None
+    if not parsed.host or any(c.isspace() for c in parsed.host):
+        raise ClientError(f"--url is not a valid address: {url.strip()!r}", "it names no host")
+    return text.rstrip("/")
+
+
+def connection_failure(url: str, exc: aiohttp.ClientError) -> ClientError:
+    """A :class:`ClientError` saying, in a few words, why the request to ``url`` got no answer."""
+    unreachable = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = f"TLS certificate rejected ({exc.certificate_error})"
+    elif isinstance(exc, aiohttp.ClientSSLError):
+        reason = f"TLS failed ({exc.os_error})"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        reason = _os_reason(exc.os_error)
+    elif isinstance(exc, aiohttp.ConnectionTimeoutError):
+        reason = "connection timed out"
+    elif isinstance(exc, aiohttp.ServerTimeoutError):
+        reason = "timed out waiting for an answer"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        reason = "the server disconnected"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return ClientError(f"cannot reach mwm at {url}: {reason}", status=None, unreachable=unreachable)
+
+
+def _os_reason(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({(error.strerror or str(error)).lower()})"
+    if isinstance(error, TimeoutError):
+        return "connection timed out"
+    if error.errno == errno.ECONNREFUSED:
+        return "connection refused"
+    if error.errno is not None and error.errno in errno.errorcode:
+        return os.strerror(error.errno).lower()
+    return str(error) or type(error).__name__
 
 
 class Client:
-    """``async with Client(url, token) as c: await c.get("/v1/jobs")``."""
+    """``async with Client(url, token) as c: await c.get("/v1/jobs")``.
+
+    ``url`` may leave out the scheme (``127.0.0.1:8080``, as the configuration writes addresses):
+    it is then ``http://``. Another scheme than http or https raises :class:`ClientError`.
+    """
 
     def __init__(
         self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0, cafile: str | None = None
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = normalise_url(url)
         self.token = token
         self.cafile = cafile
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout * 10)
@@ -86,8 +154,8 @@ class Client:
                         body[:200].decode("utf-8", "replace"),
                         status=response.status,
                     ) from None
-        except aiohttp.ClientConnectionError as exc:
-            raise ClientError(f"cannot reach mwm at {self.url}", str(exc)) from None
+        except aiohttp.ClientError as exc:
+            raise connection_failure(self.url, exc) from None
 
     @staticmethod
     def _error(status: int, body: bytes) -> ClientError:
@@ -122,8 +190,8 @@ class Client:
                 if not isinstance(data, dict) or ("instances" not in data and response.status >= 400):
                     raise self._error(response.status, body)
                 return response.status, data
-        except aiohttp.ClientConnectionError as exc:
-            raise ClientError(f"cannot reach mwm at {self.url}", str(exc)) from None
+        except aiohttp.ClientError as exc:
+            raise connection_failure(self.url, exc) from None
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None})

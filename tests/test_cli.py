@@ -16,6 +16,9 @@ from support import ROOT, SAMPLE_APP, base_config, url_of
 
 MWM = [sys.executable, "-m", "mwm"]
 
+#: Variables that make rich treat any output as a terminal: the commands run here write to pipes.
+TERMINAL_OVERRIDES = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,7 +32,7 @@ async def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**{k: v for k, v in os.environ.items() if k not in TERMINAL_OVERRIDES}, **(env or {})},
         cwd=cwd,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
@@ -132,13 +135,14 @@ async def test_send_reports_rejections_with_reasons(tmp_path, make_service, smal
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a.dcm").write_bytes(small_study.paths[0].read_bytes())
-    (folder / "notes.txt").write_text("not an image")
+    # A Part-10 prefix, then nothing mwm can read: sent, and rejected by the service.
+    (folder / "broken.dcm").write_bytes(bytes(128) + b"DICM" + b"\xff" * 64)
     (folder / "sub").mkdir()
     (folder / "sub" / "b.dcm").write_bytes(small_study.paths[1].read_bytes())
     code, out, _ = await run("send", str(folder), "--url", url_of(service))
     assert code == 1
     assert "sent 3 files" in out and "2 stored" in out and "1 rejected" in out
-    assert "not a DICOM Part-10 file" in out and "notes.txt" in out
+    assert "broken.dcm" in out
 
 
 async def test_unreachable_service_is_a_clear_error() -> None:
