@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .client import DEFAULT_URL, Client, ClientError, normalise_url
-from .errors import MwmError
+from .errors import ConfigError, MwmError
 
 if TYPE_CHECKING:
     from .send import SendSummary
@@ -130,7 +130,7 @@ def _table(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import load_settings
+    from .config import load_settings, naming_the_environment
     from .logs import configure
     from .service import Service
 
@@ -157,6 +157,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             await service.start()
             await service.wait()
+        except ConfigError as exc:  # found while starting: a plugin's options, a sink, the address
+            named = naming_the_environment(exc, settings.environment)
+            print(
+                f"mwm: configuration error: {named.message}" + (f" ({named.detail})" if named.detail else ""),
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         except MwmError as exc:
             print(f"mwm: {exc.message}" + (f" ({exc.detail})" if exc.detail else ""), file=sys.stderr)
             return EXIT_FAILED
@@ -215,6 +222,8 @@ def _send_json(summary: SendSummary, elapsed: float) -> str:
         "skipped": summary.skipped,
         "skip_reasons": dict(summary.skip_reasons),
         "problems": [p.to_json() for p in summary.sorted_problems()],
+        "routed": dict(sorted(summary.routed.items())),
+        "unrouted": summary.unrouted,
     }
     if summary.error is not None:
         data["error"] = _describe(summary.error)
@@ -290,8 +299,23 @@ def cmd_send(args: argparse.Namespace) -> int:
             soft_wrap=True,
             highlight=False,
         )
+        _print_routing(console, summary)
         _print_problems(console, summary, verbose=args.verbose)
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _print_routing(console: Any, summary: SendSummary) -> None:
+    """Which applications the stored instances went to, and how many no application took."""
+    if summary.routed:
+        routed = ", ".join(f"{app} ({count})" for app, count in sorted(summary.routed.items()))
+        console.print(f"  routed to: {routed}", markup=False, highlight=False, soft_wrap=True)
+    if summary.unrouted:
+        console.print(
+            f"  {summary.unrouted} matched no application: stored only, nothing will process them",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _print_problems(console: Any, summary: SendSummary, *, verbose: bool) -> None:
@@ -590,7 +614,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"mwm tui needs the 'tui' extra (pip install 'mwm[tui]'): {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_tui(url=args.url, token=args.token, theme=args.theme)  # type: ignore[no-any-return]
+    return run_tui(url=args.url, token=args.token, theme=args.theme, cafile=args.cacert)  # type: ignore[no-any-return]
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

@@ -49,6 +49,10 @@ class SendSummary:
     skip_reasons: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first file with it
     problems: list[Problem] = field(default_factory=list)
+    #: Stored instances (not duplicates) per application whose bucket they went to; ``unrouted``
+    #: counts those no application took (stored only, nothing will process them).
+    routed: Counter[str] = field(default_factory=Counter)
+    unrouted: int = 0
     #: The failure that stopped the upload (mwm unreachable, token refused, unknown application).
     error: ClientError | None = None
 
@@ -182,6 +186,12 @@ async def send(
         summary.examples.setdefault(text, str(path))
         summary.problems.append(Problem(str(path), status, text))
 
+    def route(buckets: list[dict[str, object]]) -> None:
+        apps = {str(bucket.get("app_id")) for bucket in buckets}
+        summary.routed.update(apps)
+        if not apps:
+            summary.unrouted += 1
+
     def next_batch() -> asyncio.Task[tuple[list[Path], list[bytes | Problem]]] | None:
         """Start reading the next batch's files (on a worker thread), or None when none is left."""
         if queue.empty() or summary.error is not None:
@@ -222,6 +232,8 @@ async def send(
                 else:
                     for path, outcome in zip(paths, outcomes, strict=True):
                         record(path, outcome.get("status", "failed"), outcome.get("reason"))
+                        if outcome.get("status") == "stored":
+                            route(outcome.get("buckets") or [])
             summary.sent += len(parts)
             summary.sent_bytes += size
         if on_progress is not None:

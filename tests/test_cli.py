@@ -158,11 +158,42 @@ async def test_unreachable_service_is_a_clear_error() -> None:
         ("[[apps]]\nid = 'x'\n", "apps[0].command: required key is missing"),
         ("[[sinks]]\nid = 's'\nkind = 'ftp'\n", "sinks[0].kind: unknown sink kind 'ftp'"),
         ("[server]\nhttp = '0.0.0.0:0'\n", "refusing to listen on 0.0.0.0"),
+        ("[[apps]]\nid = 'x'\nengine = 'lokal'\ncommand = ['true']\n", "apps[0].engine: unknown engine 'lokal'"),
+        ("[[sinks]]\nid = 's'\nkind = 'folder'\n", "sinks[0].path: required key is missing"),
+        ("[storage]\nfsync = 'maybe'\n", "storage.fsync: "),
     ],
 )
 async def test_serve_refuses_a_bad_configuration(tmp_path, config, message) -> None:
+    """Whether found on reading the file or while starting, a configuration error is said the same
+    way, names the key, and exits 2."""
     path = tmp_path / "mwm.toml"
     path.write_text(config + f"\n[database]\npath = '{tmp_path / 'db.sqlite'}'\n")
     code, _, err = await run("serve", "--config", str(path), cwd=tmp_path)
-    assert code in (1, 2)
-    assert message in err, err
+    assert code == 2, err
+    assert err.startswith("mwm: configuration error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+async def test_a_bad_value_from_the_environment_is_named_even_when_found_at_start(tmp_path) -> None:
+    path = tmp_path / "mwm.toml"
+    path.write_text(f"[server]\nhttp = '127.0.0.1:0'\ndata_dir = '{tmp_path / 'data'}'\n")
+    code, _, err = await run("serve", "--config", str(path), env={"MWM_STORAGE_FSYNC": "maybe"}, cwd=tmp_path)
+    assert code == 2 and err.startswith("mwm: configuration error: storage.fsync: "), err
+    assert "(set by MWM_STORAGE_FSYNC)" in err
+
+
+async def test_send_says_which_applications_the_instances_went_to(tmp_path, make_service, small_study) -> None:
+    config = base_config(
+        tmp_path, apps=[{"id": "ct", "command": ["true"], "timeout": "1h", "match": {"called_aet": ["MWM"]}}]
+    )
+    service = await make_service(config)
+    env = {"MWM_URL": url_of(service)}
+    code, out, err = await run("send", *map(str, small_study.paths[:2]), "--called-aet", "MWM", env=env)
+    assert code == 0, err
+    assert "routed to: ct (2)" in out and "matched no application" not in out
+    code, out, err = await run("send", *map(str, small_study.paths[2:5]), "--called-aet", "OTHER", env=env)
+    assert code == 0, err
+    assert "3 matched no application: stored only, nothing will process them" in out and "routed to" not in out
+    code, out, _ = await run("send", *map(str, small_study.paths[5:7]), "--called-aet", "MWM", "--json", env=env)
+    summary = json.loads(out)
+    assert (summary["routed"], summary["unrouted"]) == ({"ct": 2}, 0)

@@ -16,6 +16,7 @@ does not expect stops it, and is printed without local variables and with the to
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -365,6 +366,7 @@ def run_tui(
     url: str,
     token: str | None = None,
     theme: str | None = None,
+    cafile: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
@@ -383,6 +385,6 @@ def run_tui(
     if not all(is_terminal(stream) for stream in streams):
         print(NEEDS_TERMINAL, file=streams[2])
         return EXIT_NOT_A_TERMINAL
-    app = MwmApp(url, token, theme=theme)
+    app = MwmApp(url, token, theme=theme, client_factory=functools.partial(Client, cafile=cafile))
     app.run()
     return app.return_code or 0

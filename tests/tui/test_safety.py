@@ -308,9 +308,11 @@ def test_mwm_tui_starts_in_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(app_module.MwmApp, "run", run)
     streams = {name: Stream(True) for name in ("stdin", "stdout", "stderr")}
-    assert run_tui(url="http://127.0.0.1:9", token=TOKEN, **streams) == 0  # type: ignore[arg-type]
+    assert run_tui(url="http://127.0.0.1:9", token=TOKEN, cafile="/etc/mwm/ca.pem", **streams) == 0  # type: ignore[arg-type]
     assert len(started) == 1 and started[0].token == TOKEN
     assert streams["stderr"].getvalue() == ""
+    # --cacert reaches the console's client: an HTTPS mwm with its own CA can be watched.
+    assert started[0].client_factory("https://127.0.0.1:9", TOKEN).cafile == "/etc/mwm/ca.pem"
 
 
 def test_a_closed_or_odd_stream_is_no_terminal() -> None:
