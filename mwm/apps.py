@@ -7,13 +7,14 @@ read-only over the API: the file is their source of truth.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import plugins
-from .config import AppSpec, Settings, parse_app
+from .config import APP_KEYS, AppSpec, Settings, parse_app
 from .db import Database
 from .errors import ConfigError, Conflict, MwmError, NotFound, PluginError
 from .options import build, to_plain
@@ -162,6 +163,12 @@ class AppRegistry:
 
 
 def build_engine_options(app: AppSpec, where: str) -> Any:
-    """Validate ``app.engine_options`` with its engine's ``Options`` dataclass."""
+    """Validate ``app.engine_options`` with its engine's ``Options`` dataclass. A key that is
+    neither an application's nor the engine's is named with every key the table may have."""
     engine_cls = plugins.load(plugins.ENGINES, app.engine)
+    engine_keys = {f.name for f in dataclasses.fields(engine_cls.Options)}
+    unknown = sorted(set(app.engine_options) - engine_keys)
+    if unknown:
+        known = ", ".join(sorted(APP_KEYS | engine_keys))
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {known})")
     return build(engine_cls.Options, app.engine_options, where)

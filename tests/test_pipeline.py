@@ -422,6 +422,11 @@ async def test_app_management_api(tmp_path, make_service, client_for, small_stud
             assert (response.status, data["error"]) != (200, None)
             expected = 400 if status == 500 else status  # an unknown engine is a bad request too
             assert response.status == expected, (method, path, body, data)
+    async with client.session.post(client.url + "/v1/apps", json={"id": "x", "command": ["true"], "colour": 1}) as r:
+        message = (await r.json())["message"]
+    # An unknown key is named with every key an application's table may have, not the engine's only.
+    assert message.startswith("application.colour: unknown key (known keys: ")
+    assert all(f" {key}," in message for key in ("command", "grouping", "match", "sinks", "timeout"))
     # The API app is persisted and survives a restart.
     await service.stop()
     again = await make_service(sample_config(tmp_path))
