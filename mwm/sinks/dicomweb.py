@@ -134,6 +134,12 @@ class DicomWebSink(Sink):
 
     async def open(self) -> None:
         options = self.options
+        if options.token_file is not None:  # read at each request, but a missing one is a mistake now
+            try:
+                await asyncio.to_thread(options.token_file.read_text, encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConfigError(f"sink {self.id!r}: cannot read token_file {options.token_file}: {reason}") from None
         tls: ssl.SSLContext | bool = True
         if not options.verify_tls:
             tls = False

@@ -15,6 +15,7 @@ from aiohttp import web
 from peers import CT_IMAGE_STORAGE, Encoded, Orthanc, dataset_bytes, dicom_sink, free_port, results, storescu
 from support import base_config, eventually
 
+from mwm.errors import ConfigError
 from mwm.options import build
 from mwm.sinks import DeliveryOutcome
 from mwm.sinks.dicom import store_outcome
@@ -244,6 +245,27 @@ async def test_dicomweb_sink_http_failures(tmp_path, storage, stow_server, small
     assert [(o.state, o.retryable) for o in outcomes] == [("failed", retryable)] * 2
     assert text in str(outcomes[0].error)
     assert stow_server["requests"][0]["headers"]["Authorization"].startswith("Basic ")
+
+
+async def test_dicomweb_sink_token_file_is_read_at_each_request_and_must_exist_at_start(
+    tmp_path, storage, stow_server, small_study
+):
+    token_file = tmp_path / "token"
+    with pytest.raises(ConfigError, match=f"sink 'web': cannot read token_file {token_file}: No such file"):
+        await dicomweb_sink(storage, tmp_path, url=stow_server["url"], token_file=str(token_file))
+    token_file.write_text("first-token-value\n")
+    sink = await dicomweb_sink(storage, tmp_path, url=stow_server["url"], token_file=str(token_file))
+    try:
+        stow_server["answer"] = (200, {})
+        await sink.deliver(await results(storage, small_study.paths[:1], extra_text=False))
+        token_file.write_text("rotated-token-value\n")  # a rotated token is used from the next request
+        await sink.deliver(await results(storage, small_study.paths[1:2], extra_text=False))
+    finally:
+        await sink.close()
+    assert [r["headers"]["Authorization"] for r in stow_server["requests"]] == [
+        "Bearer first-token-value",
+        "Bearer rotated-token-value",
+    ]
 
 
 async def test_dicomweb_sink_unreachable_is_retryable(tmp_path, storage, small_study):
