@@ -608,6 +608,55 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return _api(args, action)
 
 
+def _result_file_name(suggested: str | None, result_id: int) -> str:
+    """The name the server suggests for a result, if it is a plain file name; else result-ID."""
+    name = (suggested or "").replace("\\", "/").rsplit("/", 1)[-1]
+    if not name or name in (".", "..") or name.startswith(".") or any(not c.isprintable() for c in name):
+        return f"result-{result_id}"
+    return name
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    if args.action in ("get", "ack") and args.id is None:
+        print(f"mwm results {args.action}: give the result's ID", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def action(client: Client) -> int:
+        if args.action == "get":
+
+            def target(suggested: str | None) -> Path:
+                chosen = args.output or Path(_result_file_name(suggested, args.id))
+                if chosen.is_dir():
+                    chosen = chosen / _result_file_name(suggested, args.id)
+                if chosen.exists() and not args.force:
+                    raise ClientError(f"{chosen} exists", "choose another name with -o, or overwrite it with --force")
+                return chosen
+
+            path, size = await client.download(f"/v1/results/{args.id}", target)
+            print(f"result {args.id}: {size} bytes saved to {path}")
+            return EXIT_OK
+        if args.action == "ack":
+            data = await client.post(f"/v1/results/{args.id}/ack", {"sink": args.sink} if args.sink else None)
+            print(f"result {args.id}: acknowledged on {data['acknowledged']} pull sink(s)")
+            return EXIT_OK
+        if args.sink:
+            data = await client.get(f"/v1/sinks/{args.sink}/results", limit=args.limit)
+        else:
+            data = await client.get("/v1/results", job=args.job, limit=args.limit)
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        _table(
+            f"results waiting on {args.sink}" if args.sink else "results",
+            ["id", "job", "path", "size", "media type", "created"],
+            [(r["id"], r["job_id"], r["path"], r["size"], r["media_type"], r["created_at"]) for r in data["results"]],
+            cut_first=["path"],
+        )
+        return EXIT_OK
+
+    return _api(args, action)
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     try:
         from .tui.app import run_tui
@@ -670,7 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the service")
     p.add_argument("--config", type=Path, help="TOML configuration file (default: $MWM_CONFIG or built-in defaults)")
     p.add_argument("--log-format", choices=("text", "json"), help="log line format (default: from the config)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="the least important lines logged"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("send", help="upload DICOM files or folders to mwm")
@@ -699,11 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_send)
 
     p = sub.add_parser("jobs", help="list, show, cancel or retry jobs")
-    p.add_argument("action", nargs="?", choices=("list", "show", "log", "cancel", "retry"))
-    p.add_argument("id", nargs="?", type=int)
-    p.add_argument("--state")
-    p.add_argument("--app")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("action", nargs="?", choices=("list", "show", "log", "cancel", "retry"), help="list (default)")
+    p.add_argument("id", nargs="?", type=int, help="the job's id")
+    p.add_argument(
+        "--state",
+        help="list: only jobs in this state (scheduled, launching, running, collecting, succeeded, failed, cancelled)",
+    )
+    p.add_argument("--app", metavar="ID", help="list: only this application's jobs")
+    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="list: at most N (default: %(default)s)")
     _client_options(p)
     p.set_defaults(func=cmd_jobs)
 
@@ -714,24 +768,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_apps)
 
     p = sub.add_parser("buckets", help="list open buckets or close one now")
-    p.add_argument("action", nargs="?", choices=("list", "close"))
-    p.add_argument("id", nargs="?", type=int)
-    p.add_argument("--app")
+    p.add_argument("action", nargs="?", choices=("list", "close"), help="list (default)")
+    p.add_argument("id", nargs="?", type=int, help="the bucket's id (close)")
+    p.add_argument("--app", metavar="ID", help="list: only this application's buckets")
     _client_options(p)
     p.set_defaults(func=cmd_buckets)
 
-    p = sub.add_parser("sinks", help="list sinks and their deliveries")
+    p = sub.add_parser("sinks", help="list sinks with their deliveries counted by state")
     _client_options(p)
     p.set_defaults(func=cmd_sinks)
 
     p = sub.add_parser("deliveries", help="list deliveries or retry a failed one")
-    p.add_argument("action", nargs="?", choices=("list", "retry"))
-    p.add_argument("id", nargs="?", type=int)
-    p.add_argument("--state")
-    p.add_argument("--sink")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("action", nargs="?", choices=("list", "retry"), help="list (default)")
+    p.add_argument("id", nargs="?", type=int, help="the delivery's id (retry)")
+    p.add_argument("--state", help="list: only deliveries in this state (pending, delivered, failed, skipped)")
+    p.add_argument("--sink", metavar="ID", help="list: only this sink's deliveries")
+    p.add_argument("--limit", type=_positive, default=50, metavar="N", help="list: at most N (default: %(default)s)")
     _client_options(p)
     p.set_defaults(func=cmd_deliveries)
+
+    p = sub.add_parser("results", help="list results, download one, or acknowledge one on a pull sink")
+    p.add_argument("action", nargs="?", choices=("list", "get", "ack"), help="list (default), get or ack")
+    p.add_argument("id", nargs="?", type=int, help="the result's id (get, ack)")
+    p.add_argument("--job", type=int, metavar="ID", help="list: only this job's results")
+    p.add_argument(
+        "--sink", metavar="ID", help="list: the results waiting on this pull sink; ack: only on this pull sink"
+    )
+    p.add_argument("--limit", type=_positive, default=100, metavar="N", help="list: at most N (default: %(default)s)")
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="PATH", help="get: the file (or folder) to write (default: its own name)"
+    )
+    p.add_argument("--force", action="store_true", help="get: overwrite an existing file")
+    _client_options(p)
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("tui", help="the live console: watch and steer a running mwm")
     p.add_argument("--theme", choices=("dark", "light"), help="colour theme (default: the terminal's)")
@@ -740,9 +809,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("echo", help="send a DICOM C-ECHO and report the round trip")
     p.add_argument("target", metavar="AE@HOST:PORT")
-    p.add_argument("--calling-aet", default="MWM-ECHO", metavar="AET")
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--calling-aet", default="MWM-ECHO", metavar="AET", help="our AE title (default: %(default)s)")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="per association (default: %(default)s)"
+    )
+    p.add_argument("--count", type=_positive, default=1, metavar="N", help="echoes to send (default: %(default)s)")
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("version", help="print the version")

@@ -8,7 +8,8 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -195,6 +196,32 @@ class Client:
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    async def download(self, path: str, choose_target: Callable[[str | None], Path]) -> tuple[Path, int]:
+        """GET ``path`` into a file: ``choose_target`` gets the name the answer suggests
+        (``Content-Disposition``) and returns where to write. Written under a temporary name
+        beside it and renamed when complete, so a failed transfer leaves no half file."""
+        try:
+            async with self.session.get(self.url + path) as response:
+                if response.status >= 400:
+                    raise self._error(response.status, await response.read())
+                target = choose_target(response.content_disposition.filename if response.content_disposition else None)
+                partial = target.with_name(f".{target.name}.part")
+                size = 0
+                try:
+                    with open(partial, "wb") as out:
+                        async for chunk in response.content.iter_chunked(1 << 20):
+                            out.write(chunk)
+                            size += len(chunk)
+                    if response.content_length is not None and size != response.content_length:
+                        raise ClientError(f"the download stopped after {size} of {response.content_length} bytes")
+                    os.replace(partial, target)
+                except BaseException:
+                    partial.unlink(missing_ok=True)
+                    raise
+                return target, size
+        except aiohttp.ClientError as exc:
+            raise connection_failure(self.url, exc) from None
 
     async def post(self, path: str, body: Any = None) -> Any:
         return await self.request("POST", path, json_body=body)

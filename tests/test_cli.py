@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ROOT, SAMPLE_APP, base_config, url_of
+from support import ROOT, SAMPLE_APP, base_config, python_app, url_of
 
 MWM = [sys.executable, "-m", "mwm"]
 
@@ -128,6 +128,46 @@ async def test_client_commands(tmp_path, make_service, small_study) -> None:
     assert code == 1 and "only failed or cancelled jobs" in err
     code, _, err = await run("jobs", "show", "999", env=env)
     assert code == 1 and "no job 999" in err
+
+
+async def test_results_of_a_pull_sink_are_listed_downloaded_and_acknowledged(tmp_path, make_service, small_study):
+    script = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/report.txt', 'w').write('body: 42 cm')"
+    config = base_config(
+        tmp_path,
+        apps=[python_app("ct", script, timeout="100ms", sinks=["gateway"])],
+        sinks=[{"id": "gateway", "kind": "pull"}],
+    )
+    service = await make_service(config)
+    env = {"MWM_URL": url_of(service)}
+    code, _, err = await run("send", *map(str, small_study.paths[:2]), env=env)
+    assert code == 0, err
+    for _ in range(600):
+        code, out, _ = await run("results", "--sink", "gateway", "--json", env=env)
+        waiting = json.loads(out)["results"]
+        if waiting:
+            break
+        await asyncio.sleep(0.1)
+    (result,) = waiting
+    code, out, _ = await run("results", "--sink", "gateway", env=env)
+    assert code == 0 and "report.txt" in out and f"\n{result['id']} " in out
+
+    code, out, err = await run("results", "get", str(result["id"]), env=env, cwd=tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "report.txt").read_text() == "body: 42 cm" and "11 bytes saved to report.txt" in out
+    code, _, err = await run("results", "get", str(result["id"]), env=env, cwd=tmp_path)
+    assert code == 1 and "report.txt exists" in err  # never overwritten unasked
+    code, _, err = await run("results", "get", str(result["id"]), "-o", str(tmp_path / "copy.txt"), env=env)
+    assert code == 0 and (tmp_path / "copy.txt").read_text() == "body: 42 cm"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+    code, out, _ = await run("results", "ack", str(result["id"]), env=env)
+    assert code == 0 and "acknowledged on 1 pull sink(s)" in out
+    code, out, _ = await run("results", "--sink", "gateway", "--json", env=env)
+    assert json.loads(out)["results"] == []
+    code, _, err = await run("results", "get", env=env)
+    assert code == 2 and "give the result's ID" in err
+    code, _, err = await run("results", "get", "999999", env=env, cwd=tmp_path)
+    assert code == 1 and "no result 999999" in err
 
 
 async def test_send_reports_rejections_with_reasons(tmp_path, make_service, small_study) -> None:
