@@ -416,8 +416,16 @@ def _print_job(job: dict[str, Any]) -> None:
     ):
         console.print(f"  {label:15} {job.get(key) or '-'}", highlight=False, soft_wrap=True)
     console.print(f"  {'run time':15} {_duration(job['run_seconds'])}", highlight=False, soft_wrap=True)
+    retrying = job["state"] == "scheduled" and job["attempt"] >= 1 and job.get("not_before")
+    if retrying:
+        console.print(
+            f"  {'next attempt':15} {job['not_before']} (attempt {job['attempt'] + 1}/{job['max_attempts']})",
+            highlight=False,
+            soft_wrap=True,
+        )
     if job.get("error"):
-        console.print(f"  [red]error[/] {escape(job['error'])}", markup=True, highlight=False, soft_wrap=True)
+        label = "last error" if retrying else "error"
+        console.print(f"  [red]{label}[/] {escape(job['error'])}", markup=True, highlight=False, soft_wrap=True)
     for series in job.get("series", []):
         console.print(
             f"  series {series['series_instance_uid']} {series['modality']} "

@@ -170,6 +170,29 @@ async def test_results_of_a_pull_sink_are_listed_downloaded_and_acknowledged(tmp
     assert code == 1 and "no result 999999" in err
 
 
+async def test_a_job_waiting_to_be_retried_says_when(tmp_path, make_service, small_study) -> None:
+    config = base_config(
+        tmp_path,
+        apps=[python_app("flaky", "import sys; sys.exit(2)", timeout="100ms", max_attempts=3)],
+        jobs={"retry_backoff": "1h", "retry_backoff_max": "1h"},
+    )
+    service = await make_service(config)
+    env = {"MWM_URL": url_of(service)}
+    assert (await run("send", str(small_study.paths[0]), env=env))[0] == 0
+    for _ in range(300):
+        code, out, _ = await run("jobs", "--json", env=env)
+        jobs = json.loads(out)["jobs"]
+        if jobs and jobs[0]["attempt"] == 1 and jobs[0]["state"] == "scheduled":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"the job did not fail once and wait: {jobs}")
+    code, out, _ = await run("jobs", "show", str(jobs[0]["id"]), env=env)
+    assert code == 0
+    assert f"next attempt    {jobs[0]['not_before']} (attempt 2/3)" in out
+    assert "last error" in out and "exited with code 2" in out
+
+
 async def test_send_reports_rejections_with_reasons(tmp_path, make_service, small_study) -> None:
     service = await make_service(base_config(tmp_path))
     folder = tmp_path / "mixed"
