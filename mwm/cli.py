@@ -93,6 +93,9 @@ def _table(
     from rich.table import Table
 
     console = console or _console()
+    if not rows:  # rather than a header over nothing
+        console.print(f"no {title}", highlight=False, markup=False, soft_wrap=True)
+        return
     cells = [["-" if v is None else str(v) for v in row] for row in rows]
     natural = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
     floors = [n if n <= MIN_CUT_WIDTH else max(MIN_CUT_WIDTH, len(c)) for n, c in zip(natural, columns, strict=True)]
@@ -465,7 +468,11 @@ def cmd_apps(args: argparse.Namespace) -> int:
 
     async def action(client: Client) -> int:
         if args.action == "show":
-            print(json.dumps(await client.get(f"/v1/apps/{args.id}"), indent=2))
+            app = await client.get(f"/v1/apps/{args.id}")
+            if args.json:
+                print(json.dumps(app, indent=2))
+            else:
+                _print_app(app)
             return EXIT_OK
         if args.action == "delete":
             await client.delete(f"/v1/apps/{args.id}")
@@ -500,9 +507,48 @@ def cmd_apps(args: argparse.Namespace) -> int:
             ],
             cut_first=["match", "sinks"],
         )
+        for app in data["apps"]:
+            if app.get("problem"):
+                print(f"application {app['id']} cannot run: {app['problem']}")
         return EXIT_OK
 
     return _api(args, action)
+
+
+#: How ``apps show`` writes the values of these keys (the others as they come).
+_APP_DURATIONS = ("timeout", "max_age", "run_timeout")
+
+
+def _print_app(app: dict[str, Any]) -> None:
+    """An application's table, one key per line, as ``jobs show`` writes a job."""
+    console = _console()
+    console.print(
+        f"[bold]application {app['id']}[/] ({app['origin']})  engine={app['engine']}  "
+        f"enabled={'yes' if app['enabled'] else 'no'}",
+        soft_wrap=True,
+        highlight=False,
+    )
+    lines: list[tuple[str, str]] = []
+    if app.get("problem"):
+        lines.append(("cannot run", str(app["problem"])))
+    for key, value in app.items():
+        if key in ("id", "origin", "engine", "enabled", "problem") or value in (None, "", [], {}):
+            continue
+        if key == "match":
+            text = _rules(value)
+        elif key in _APP_DURATIONS:
+            text = _duration(value)
+        elif isinstance(value, list):
+            text = " ".join(str(v) for v in value) if key in ("command", "arguments") else ", ".join(map(str, value))
+        elif isinstance(value, dict):
+            text = " ".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        else:
+            text = str(value)
+        lines.append((key.replace("_", " "), text))
+    for label, text in lines:
+        console.print(f"  {label:15} {text}", highlight=False, markup=False, soft_wrap=True)
 
 
 class SpecError(Exception):
@@ -703,7 +749,7 @@ def _correlation_id(text: str) -> str:
     return text
 
 
-def _client_options(parser: argparse.ArgumentParser) -> None:
+def _client_options(parser: argparse.ArgumentParser, *, json_output: bool = True) -> None:
     parser.add_argument(
         "--url",
         default=os.environ.get("MWM_URL", DEFAULT_URL),
@@ -716,7 +762,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="CA certificate to trust for an https URL (default: $MWM_CACERT)",
     )
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
+    if json_output:
+        parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -812,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tui", help="the live console: watch and steer a running mwm")
     p.add_argument("--theme", choices=("dark", "light"), help="colour theme (default: the terminal's)")
-    _client_options(p)
+    _client_options(p, json_output=False)
     p.set_defaults(func=cmd_tui)
 
     p = sub.add_parser("echo", help="send a DICOM C-ECHO and report the round trip")

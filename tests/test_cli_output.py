@@ -173,6 +173,29 @@ def test_piped_tables_are_never_cut(capfd) -> None:
     assert lines[-1].split() == ["1", "succeeded", uid, error]
 
 
+def test_an_empty_table_says_so(capfd) -> None:
+    cli._table("deliveries", ["id", "state"], [])
+    assert capfd.readouterr().out == "no deliveries\n"
+
+
+async def test_apps_show_is_one_key_per_line(busy) -> None:
+    code, out, _ = await run("apps", "show", "ct-waiting-for-more-slices", "--url", busy["url"])
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "application ct-waiting-for-more-slices (config)  engine=local  enabled=yes"
+    assert row(lines, "  timeout ").split() == ["timeout", "1h00m"]
+    assert row(lines, "grouping").split() == ["grouping", "study"]
+    assert row(lines, "command").split()[1:] == [str(part) for part in SAMPLE_APP]
+    assert not out.lstrip().startswith("{")
+    code, out, _ = await run("apps", "show", "ct-waiting-for-more-slices", "--json", "--url", busy["url"])
+    assert json.loads(out)["id"] == "ct-waiting-for-more-slices"
+
+
+async def test_tui_has_no_json_option() -> None:
+    code, _, err = await run("tui", "--json")
+    assert code == 2 and "unrecognized arguments: --json" in err
+
+
 # -- options ------------------------------------------------------------------------------------
 
 
