@@ -109,7 +109,8 @@ def load(path: Path) -> bytes | Problem:
             head = file.read(PREAMBLE + len(PART10_MAGIC))
             if head[PREAMBLE:] != PART10_MAGIC:
                 return Problem(str(path), "skipped", SKIPPED_NOT_PART10)
-            return head + file.read()
+            file.seek(0)  # read whole into one buffer: joining the head to the rest would copy it
+            return file.read()
     except OSError as exc:
         return Problem(str(path), "failed", f"cannot read the file: {exc.strerror or exc}")
 
