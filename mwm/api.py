@@ -282,7 +282,7 @@ class UnsupportedMediaType(MwmError):
 async def health(request: web.Request) -> web.Response:
     service = service_of(request)
     report = await service.health()
-    return json_response(report, status=200 if report["status"] == "ok" else 503)
+    return json_response(report, status=503 if report["status"] == "unavailable" else 200)
 
 
 async def openapi(request: web.Request) -> web.Response:

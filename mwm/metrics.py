@@ -59,7 +59,10 @@ class Metrics:
         self.storage_free = Gauge("mwm_storage_free_bytes", "Free space where instances are stored", registry=r)
         self.storage_total = Gauge("mwm_storage_total_bytes", "Size of the storage file system", registry=r)
         self.dicom_associations = Gauge("mwm_dicom_associations", "Open DICOM associations", registry=r)
-        self.up = Gauge("mwm_up", "1 while mwm is accepting work", registry=r)
+        self.up = Gauge("mwm_up", "1 while mwm is accepting new instances", registry=r)
+        self.disk_pressure = Gauge(
+            "mwm_disk_pressure", "1 while new instances are refused for want of disk space", registry=r
+        )
 
     async def refresh(self, service: Service) -> None:
         """Set the state gauges from the database and storage."""
@@ -83,7 +86,9 @@ class Metrics:
         if usage.total_bytes is not None:
             self.storage_total.set(usage.total_bytes)
         self.dicom_associations.set(service.dicom.associations if service.dicom is not None else 0)
-        self.up.set(1 if service.accepting else 0)
+        pressure = service.ingestor.pressure is not None
+        self.disk_pressure.set(1 if pressure else 0)
+        self.up.set(1 if service.accepting and not pressure else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

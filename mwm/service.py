@@ -407,8 +407,13 @@ class Service:
         except (MwmError, OSError) as exc:
             ok = False
             report["storage"] = {"ok": False, "error": str(exc)}
-        report["accepting"] = self.accepting
-        report["status"] = "ok" if ok and self.accepting else "unavailable"
+        pressure = self.ingestor.pressure
+        report["accepting"] = self.accepting and pressure is None
+        if pressure is not None:
+            report["pressure"] = pressure
+        # Under disk pressure mwm is alive and works (jobs, deliveries) but refuses new instances:
+        # "degraded", still 200, so that a liveness check does not restart it for a full disk.
+        report["status"] = "unavailable" if not (ok and self.accepting) else "degraded" if pressure else "ok"
         return report
 
     async def job_log(self, job_id: int, tail: int | None = None) -> str:

@@ -40,6 +40,14 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
     assert caught.value.status == 507
     assert "disk pressure" in caught.value.message and "99.6% full (limit 99.5%)" in (caught.value.detail or "")
     assert (await client.get("/v1/stats"))["disk"]["pressure"]
+    # Monitoring sees it: alive (200) but degraded, and not accepting, with the reason.
+    async with client.session.get(client.url + "/health") as response:
+        health = await response.json()
+        assert response.status == 200
+    assert (health["status"], health["accepting"]) == ("degraded", False)
+    assert "99.6% full (limit 99.5%)" in health["pressure"]
+    metrics = await (await client.session.get(client.url + "/metrics")).text()
+    assert "\nmwm_up 0.0\n" in metrics and "\nmwm_disk_pressure 1.0\n" in metrics
     # The open bucket still becomes a job, which runs and delivers.
     (job,) = await wait_jobs(client, 1)
     assert job["instance_count"] == 3
@@ -53,6 +61,10 @@ async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(
 
     monkeypatch.setattr(service.storage, "usage", roomy)
     await eventually(lambda: asyncio.sleep(0, service.ingestor.pressure is None), what="pressure to clear by itself")
+    health = await client.get("/health")
+    assert (health["status"], health["accepting"]) == ("ok", True) and "pressure" not in health
+    metrics = await (await client.session.get(client.url + "/metrics")).text()
+    assert "\nmwm_up 1.0\n" in metrics and "\nmwm_disk_pressure 0.0\n" in metrics
     status, answer = await upload_files(client, small_study.paths[3:])
     assert status == 200 and answer["stored"] == len(small_study.paths) - 3
 
