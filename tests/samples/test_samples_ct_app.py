@@ -286,6 +286,52 @@ def test_a_rerun_gives_the_same_uids(study: synthetic.StudyInfo, tmp_path: Path)
     assert uids[0][0] != uids[0][1]
 
 
+@pytest.mark.parametrize(
+    ("command", "transfer_syntax"),
+    [
+        (["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70"),  # JPEG lossless, first-order prediction
+        (["dcmcjpeg", "+el"], "1.2.840.10008.1.2.4.57"),  # JPEG lossless, process 14
+        (["dcmcjpls"], "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
+        (["dcmcrle"], "1.2.840.10008.1.2.5"),  # RLE lossless
+    ],
+)
+def test_compressed_series_are_read(
+    study: synthetic.StudyInfo, tmp_path: Path, command: list[str], transfer_syntax: str
+) -> None:
+    """What mwm's DICOM server accepts (and stores as received) the app can read: series
+    compressed losslessly by dcmtk, as a modality or PACS would send them."""
+    program = shutil.which(command[0], path="/usr/bin")
+    if program is None:
+        pytest.skip(f"dcmtk's {command[0]} is not installed")
+    series = study.series[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in series.paths:
+        subprocess.run([program, *command[1:], str(path), str(folder / path.name)], check=True, capture_output=True)
+    assert pydicom.dcmread(folder / series.paths[0].name).file_meta.TransferSyntaxUID == transfer_syntax
+    result = _run_app(["-i", str(folder), "-o", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["slice_count"] == len(series.paths)
+
+
+def test_a_run_on_part_of_the_series_gives_other_uids(study: synthetic.StudyInfo, tmp_path: Path) -> None:
+    """A part of the series (its late arrivals, say) makes another object: it must never take the
+    UIDs of the result of the whole series, or archives would hold two objects under one UID."""
+    series = study.series[0]
+    part = tmp_path / "part"
+    part.mkdir()
+    for path in series.paths[: len(series.paths) // 2]:
+        (part / path.name).write_bytes(path.read_bytes())
+    uids = []
+    for name, folder in (("whole", series.paths[0].parent), ("part", part)):
+        result = _run_app(["-i", str(folder), "-o", str(tmp_path / f"out-{name}")])
+        assert result.returncode == 0, result.stderr
+        seg = pydicom.dcmread(tmp_path / f"out-{name}" / "body_seg.dcm", stop_before_pixels=True)
+        uids.append((seg.SOPInstanceUID, seg.SeriesInstanceUID))
+    assert uids[0][0] != uids[1][0] and uids[0][1] != uids[1][1]
+
+
 def test_environment_run_creates_the_output_folder(study: synthetic.StudyInfo, tmp_path: Path) -> None:
     input_dir = study.paths[0].parents[1]
     out = tmp_path / "deep" / "er" / "out"

@@ -19,6 +19,7 @@ Only pydicom, numpy and highdicom are needed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -503,19 +504,24 @@ def segment_body(
 # --------------------------------------------------------------------------------------------------
 
 
-def derived_uid(source_series_uid: str, role: str) -> str:
-    """A UID determined by the source series and this app's version.
+def derived_uid(source_series_uid: str, role: str, source_instances: Sequence[str] = ()) -> str:
+    """A UID determined by the source series, the exact source images (when given) and this
+    app's version.
 
-    Running the app again on the same series gives the same UIDs, so a receiver that keys on
-    SOP Instance UID stores a re-run's result once instead of twice.
+    Running the app again on the same images gives the same UIDs, so a receiver that keys on
+    SOP Instance UID stores a re-run's result once instead of twice; a run on another set of the
+    series' images (a part of it that arrived late, say) writes a different object, so it gets
+    other UIDs and never replaces, or clashes with, the first result in an archive.
     """
-    return str(pydicom.uid.generate_uid(entropy_srcs=[APP_NAME, APP_VERSION, source_series_uid, role]))
+    inputs = hashlib.sha256("\\".join(sorted(source_instances)).encode("ascii")).hexdigest()
+    return str(pydicom.uid.generate_uid(entropy_srcs=[APP_NAME, APP_VERSION, source_series_uid, role, inputs]))
 
 
 def build_segmentation(source_images: Sequence[Dataset], mask: npt.NDArray[np.bool_]) -> hd.seg.Segmentation:
     """A BINARY DICOM Segmentation with one "Body" segment referencing ``source_images``."""
     first = source_images[0]
     source_series = str(first.SeriesInstanceUID)
+    used = [str(image.SOPInstanceUID) for image in source_images]
     algorithm = hd.AlgorithmIdentificationSequence(
         name=APP_NAME,
         family=codes.cid7162.MorphologicalOperations,
@@ -540,9 +546,9 @@ def build_segmentation(source_images: Sequence[Dataset], mask: npt.NDArray[np.bo
         pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
-        series_instance_uid=derived_uid(source_series, "series"),
+        series_instance_uid=derived_uid(source_series, "series", used),
         series_number=(1000 + image_series_number(first)) % 2**31,
-        sop_instance_uid=derived_uid(source_series, "instance"),
+        sop_instance_uid=derived_uid(source_series, "instance", used),
         instance_number=1,
         manufacturer="mwm",
         manufacturer_model_name="ct_sample",
