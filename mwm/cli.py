@@ -639,20 +639,43 @@ def cmd_sinks(args: argparse.Namespace) -> int:
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
+    if (args.action == "retry") != bool(args.ids):
+        what = "give the ids of the deliveries to retry" if args.ids == [] else "ids go with retry only"
+        print(f"mwm deliveries: {what}", file=sys.stderr)
+        return EXIT_USAGE
+
     async def action(client: Client) -> int:
         if args.action == "retry":
-            data = await client.post(f"/v1/deliveries/{args.id}/retry")
-            print(f"delivery {data['id']}: {data['state']}")
-            return EXIT_OK
+            failures = 0
+            for delivery_id in args.ids:
+                try:
+                    data = await client.post(f"/v1/deliveries/{delivery_id}/retry")
+                except ClientError as exc:
+                    if exc.unreachable:
+                        raise
+                    print(f"delivery {delivery_id}: {_describe(exc)}", file=sys.stderr)
+                    failures += 1
+                    continue
+                print(f"delivery {data['id']}: {data['state']}")
+            return EXIT_FAILED if failures else EXIT_OK
         data = await client.get("/v1/deliveries", state=args.state, sink=args.sink, limit=args.limit)
         if args.json:
             print(json.dumps(data, indent=2))
             return EXIT_OK
         _table(
             "deliveries",
-            ["id", "job", "result", "sink", "state", "attempts", "last error"],
+            ["id", "job", "result", "sink", "state", "attempts", "next attempt", "last error"],
             [
-                (d["id"], d["job_id"], d["result_id"], d["sink_id"], d["state"], d["attempts"], d["last_error"])
+                (
+                    d["id"],
+                    d["job_id"],
+                    d["result_id"],
+                    d["sink_id"],
+                    d["state"],
+                    d["attempts"],
+                    d["next_attempt_at"],
+                    d["last_error"],
+                )
                 for d in data["deliveries"]
             ],
             cut_first=["last error"],
@@ -835,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deliveries", help="list deliveries or retry a failed one")
     p.add_argument("action", nargs="?", choices=("list", "retry"), help="list (default)")
-    p.add_argument("id", nargs="?", type=int, help="the delivery's id (retry)")
+    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="retry: the deliveries' ids (one or more)")
     p.add_argument("--state", help="list: only deliveries in this state (pending, delivered, failed, skipped)")
     p.add_argument("--sink", metavar="ID", help="list: only this sink's deliveries")
     p.add_argument("--limit", type=_positive, default=50, metavar="N", help="list: at most N (default: %(default)s)")
@@ -884,7 +907,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("apps", "delete"),
         ("apps", "add"),
         ("apps", "update"),
-        ("deliveries", "retry"),
+        ("jobs", "show"),
+        ("jobs", "log"),
+        ("jobs", "cancel"),
+        ("jobs", "retry"),
     }
     if (args.command, getattr(args, "action", None)) in needs_id and args.id is None:
         print(f"mwm {args.command} {args.action}: an id is required", file=sys.stderr)

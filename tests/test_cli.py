@@ -193,6 +193,37 @@ async def test_a_job_waiting_to_be_retried_says_when(tmp_path, make_service, sma
     assert "last error" in out and "exited with code 2" in out
 
 
+async def test_failed_deliveries_are_retried_together(tmp_path, make_service, small_study) -> None:
+    script = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the sink wants a folder")
+    config = base_config(
+        tmp_path,
+        apps=[python_app("ct", script, timeout="100ms", sinks=["out"], grouping="series")],
+        sinks=[{"id": "out", "kind": "folder", "path": str(blocked)}],
+        delivery={"max_attempts": 1},
+    )
+    service = await make_service(config)
+    env = {"MWM_URL": url_of(service)}
+    assert (await run("send", *map(str, small_study.paths), env=env))[0] == 0  # two series: two jobs
+    for _ in range(600):
+        failed = json.loads((await run("deliveries", "--state", "failed", "--json", env=env))[1])["deliveries"]
+        if len(failed) == 2:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"expected two failed deliveries, got {failed}")
+    code, out, _ = await run("deliveries", env=env)
+    assert code == 0 and "next attempt" in out.splitlines()[1]
+    ids = sorted(str(d["id"]) for d in failed)
+    code, out, err = await run("deliveries", "retry", *ids, "999999", env=env)
+    assert code == 1
+    assert [line.split(":")[0] for line in out.splitlines()] == [f"delivery {i}" for i in ids]
+    assert "delivery 999999: no delivery 999999" in err
+    code, _, err = await run("deliveries", "retry", env=env)
+    assert code == 2 and "give the ids" in err
+
+
 async def test_send_reports_rejections_with_reasons(tmp_path, make_service, small_study) -> None:
     service = await make_service(base_config(tmp_path))
     folder = tmp_path / "mixed"
