@@ -217,6 +217,9 @@ class RecordOutcome:
     duplicate: bool
     buckets: list[dict[str, Any]] = field(default_factory=list)  # id, app_id, deadline
     skipped: list[str] = field(default_factory=list)  # app ids that already processed it
+    #: A duplicate whose bytes differ from the instance kept (a corrected re-send, say): the
+    #: SHA-256 of the one kept.
+    kept_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -534,16 +537,19 @@ class Database:
             ),
         )
         duplicate = cur.rowcount == 0
+        kept_sha256 = None
         if duplicate:
             row = conn.execute(
-                "SELECT id FROM instances WHERE sop_instance_uid = ?", (h["sop_instance_uid"],)
+                "SELECT id, sha256 FROM instances WHERE sop_instance_uid = ?", (h["sop_instance_uid"],)
             ).fetchone()
             assert row is not None
             instance_id = int(row[0])
+            if item.sha256 and row[1] and row[1] != item.sha256:
+                kept_sha256 = str(row[1])
         else:
             assert cur.lastrowid is not None
             instance_id = cur.lastrowid
-        outcome = RecordOutcome(instance_id=instance_id, duplicate=duplicate)
+        outcome = RecordOutcome(instance_id=instance_id, duplicate=duplicate, kept_sha256=kept_sha256)
         for target in item.targets:
             bucket = self._add_to_bucket(conn, instance_id, item, target, now, duplicate)
             if bucket is None:

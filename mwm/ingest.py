@@ -447,9 +447,23 @@ class Ingestor:
         if not record.duplicate:
             self._metrics.received_bytes.labels(origin.source).inc(received.size)
         assert received.headers is not None
+        reason = None
+        if record.kept_sha256 is not None:
+            # A corrected re-send under the same SOP Instance UID: the first copy stays the
+            # instance (it may have been processed and delivered already); say so, loudly.
+            reason = "already stored with other content: the first copy is kept"
+            self._metrics.changed_duplicates.labels(origin.source).inc()
+            log.warning(
+                "instance %s received again from %s with other content; the first copy (SHA-256 %s...) is kept",
+                received.headers.sop_instance_uid,
+                origin.calling_aet or origin.peer_address or origin.source,
+                record.kept_sha256[:16],
+                extra={"correlation_id": origin.correlation_id},
+            )
         return Outcome(
             status="duplicate" if record.duplicate else "stored",
             sop_instance_uid=received.headers.sop_instance_uid,
+            reason=reason,
             buckets=[{"id": b["id"], "app_id": b["app_id"]} for b in record.buckets],
         )
 

@@ -33,6 +33,12 @@ class Metrics:
             "mwm_instances_routed", "Instances added to an application's bucket", ["app"], registry=r
         )
         self.received_bytes = Counter("mwm_received_bytes", "Bytes of instances stored", ["source"], registry=r)
+        self.changed_duplicates = Counter(
+            "mwm_changed_duplicates",
+            "Instances received again with other content than the copy kept (the first copy is kept)",
+            ["source"],
+            registry=r,
+        )
         self.rejections = Counter("mwm_rejections", "Instances refused, by reason", ["source", "reason"], registry=r)
         self.buckets_open = Gauge("mwm_buckets_open", "Open buckets", ["app"], registry=r)
         self.bucket_oldest_age = Gauge("mwm_bucket_oldest_age_seconds", "Age of the oldest open bucket", registry=r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -92,6 +93,28 @@ async def test_a_multipart_upload_reports_each_instance(service_and_client, smal
     assert statuses[1] == "rejected"  # answers are in the order of the parts
     assert sorted(statuses[::2]) == ["duplicate", "stored"]  # parts are ingested concurrently
     assert (answer["stored"], answer["rejected"], answer["duplicate"]) == (1, 1, 1)
+
+
+async def test_a_changed_instance_under_a_stored_uid_is_kept_out_and_said(service_and_client, small_study, caplog):
+    """A corrected re-send under the same SOP Instance UID: the first copy stays the instance (it
+    may be processed and delivered already), and the sender, the log and the metrics are told."""
+    _service, client = service_and_client
+    path = small_study.paths[2]
+    first = path.read_bytes()
+    corrected = rewrite(path, PatientName="Corrected^Name")
+    assert (await post_raw(client, first))[0] == 200
+    status, answer = await post_raw(client, first)  # the same bytes again: a plain duplicate
+    assert status == 200 and answer["instances"][0]["status"] == "duplicate"
+    assert "reason" not in answer["instances"][0]
+    status, answer = await post_raw(client, corrected)
+    (outcome,) = answer["instances"]
+    assert status == 200 and outcome["status"] == "duplicate"
+    assert outcome["reason"] == "already stored with other content: the first copy is kept"
+    (row,) = (await client.get("/v1/instances"))["instances"]
+    assert row["sha256"] == hashlib.sha256(first).hexdigest()
+    assert any("received again" in r.getMessage() and "other content" in r.getMessage() for r in caplog.records)
+    metrics = await (await client.session.get(client.url + "/metrics")).text()
+    assert 'mwm_changed_duplicates_total{source="http"} 1.0' in metrics
 
 
 async def test_oversized_upload_is_refused_with_413(service_and_client, small_study):
