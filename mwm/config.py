@@ -170,7 +170,7 @@ class JobSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    max_attempts: int = field(default=10, metadata={"check": positive})
+    max_attempts: int = field(default=60, metadata={"check": positive})
     retry_backoff: Duration = Duration(5.0)
     retry_backoff_max: Duration = Duration(1800.0)
     batch_size: int = field(default=100, metadata={"check": positive})
