@@ -375,7 +375,7 @@ class Ingestor:
         if placed is not None:
             try:
                 await self.storage.delete(placed)
-            except MwmError as exc:  # nothing refers to it; retention's sweep finds it later
+            except MwmError as exc:  # nothing refers to it: the sweep after the next start removes it
                 log.warning("could not remove %s after a failed ingest: %s", placed, exc.message)
 
     async def _ingest(self, received: Received, origin: Origin) -> Outcome:

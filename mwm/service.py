@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__, plugins
+from . import __version__, plugins, sweep
 from .api import build_application
 from .apps import AppRegistry, build_engine_options
 from .config import Settings, read_tokens
@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .options import build
 from .retention import Retention
 from .storage import Storage
+from .storage.local import LocalStorage
 
 log = logging.getLogger(__name__)
 DISK_CHECK_INTERVAL = 1.0
@@ -231,6 +232,8 @@ class Service:
             self._spawn(self.db.run_checkpoints(), "database-checkpoints")
             self._spawn(self.jobs.run(), "jobs")
             self._spawn(self.delivery.run(), "deliveries")
+            if isinstance(self.storage, LocalStorage):
+                self._spawn(sweep.run(self.storage.root, self.db, started_at=self.started_at), "orphan-sweep")
             await self._check_disk()
             self._spawn(self._watch_disk(), "disk-pressure")
             retention = Retention(settings=settings.retention, db=self.db, storage=self.storage)

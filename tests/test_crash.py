@@ -207,6 +207,14 @@ async def check(box, files, uid_of, acked, jobs, pulled, studies) -> None:
         if path.is_file():
             uid = path.name.split(".dcm")[0].rsplit(".", 1)[0]  # <uid>.<random>.dcm
             assert path.read_bytes() == sent[uid], f"{path} is not a complete instance"
+    # Nothing left over: a file placed before the crash but never recorded was swept after the restart.
+    keys = {row["storage_key"] for row in recorded.values()}
+    for _ in range(100):
+        on_disk = {str(p.relative_to(storage)) for p in (storage / "instances").rglob("*.dcm") if p.is_file()}
+        if on_disk == keys:
+            break
+        await asyncio.sleep(0.05)
+    assert on_disk == keys, f"files no instance refers to: {sorted(on_disk - keys)}"
     # Every study was processed; every instance is in a succeeded job; results delivered once per job.
     assert all(j["state"] == "succeeded" for j in jobs), jobs
     assert {j["study_instance_uid"] for j in jobs} == {s.study_uid for s in studies}
