@@ -21,8 +21,16 @@ Associations are refused at negotiation with the standard reasons: an unknown ca
 (rejected permanent, service user, "called AE title not recognised"), an unknown calling AE
 title or a known one from another address when ``dicom.sources`` are enforced ("calling AE
 title not recognised"), and more than ``dicom.max_associations`` at once (rejected transient,
-service provider, "local limit exceeded"). Where a sender proposes several transfer syntaxes in
-one presentation context, its own order of preference wins, so nothing is converted for mwm.
+service provider, "local limit exceeded"); each refusal is logged once, with the calling AE
+title and the peer's address. Where a sender proposes several transfer syntaxes in one
+presentation context, its own order of preference wins, so nothing is converted for mwm.
+
+Source hosts. A source's ``host`` is an IP address, used as it is, or a host name, resolved on a
+thread of its own (never on the event loop) at start-up and again when an association from that
+AE title arrives and the last answer is older than ``RESOLVE_INTERVAL`` (``RETRY_INTERVAL`` after
+a failure). A name that does not resolve is logged and its AE title refused until it does; a
+failed lookup of a name that resolved before keeps its last addresses. Only a ``host`` that is
+neither a host name nor an address is a configuration error.
 
 Speed. Out of the box pynetdicom polls: its DUL thread sleeps 1 ms whenever the socket has no
 data and its association thread sleeps 1 ms on every turn, so each C-STORE waits about 2 ms
@@ -48,6 +56,7 @@ import ipaddress
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import socket
@@ -98,7 +107,7 @@ from .ingest import Origin, Outcome, Received
 
 if TYPE_CHECKING:
     from .apps import AppRegistry
-    from .config import DicomAe, Settings
+    from .config import DicomAe, DicomSource, Settings
     from .ingest import Ingestor
 
 log = logging.getLogger(__name__)
@@ -133,6 +142,16 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # Error: Cannot understand (PS3.4 B.2.3)
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_CALLING_AET = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
+REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+#: How long the addresses a source's host name resolved to are used before it is resolved again
+#: (when an association from its AE title arrives), and how soon a name that could not be
+#: resolved is tried again.
+RESOLVE_INTERVAL = 60.0
+RETRY_INTERVAL = 10.0
+#: Longest an association request (or start-up) waits for a name being resolved; the lookup
+#: carries on, and its answer serves the associations after it.
+RESOLVE_WAIT = 5.0
 
 #: How long the pynetdicom threads of an idle association sleep between checks of their timers
 #: (network idle timeout, ARTIM). Data, responses, releases and aborts wake them at once.
@@ -755,22 +774,175 @@ class _SopRules:
         return not self.allow or sop_class_uid in self.allow
 
 
-def _normalise_address(address: str) -> str:
+def _literal_address(host: str) -> str | None:
+    """``host`` as a normalised IP address, if it is one (``10.1.2.3``, ``::1``, ``[::1]``)."""
     try:
-        ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]").split("%", 1)[0])
     except ValueError:
-        return address
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
 
 
-def _resolve(host: str) -> set[str]:
-    """The addresses a configured source host stands for (blocking: DNS)."""
+def _normalise_address(address: str) -> str:
+    """A peer's or a resolved address, written as ``_literal_address`` writes it."""
+    return _literal_address(address) or address
+
+
+_HOST_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def _is_host_name(host: str) -> bool:
+    """Whether ``host`` is written as a DNS host name (internationalised names included)."""
     try:
-        return {_normalise_address(str(info[4][0])) for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        raise ConfigError(f"dicom.sources: cannot resolve host {host!r}: {exc}") from None
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    name = ascii_host.removesuffix(".")
+    return (
+        0 < len(name) <= 253
+        and _HOST_NAME.fullmatch(ascii_host) is not None
+        and not name.rsplit(".", 1)[-1].isdigit()  # 10.1.2.300 is a mistyped address, not a name
+    )
+
+
+def resolve_host(host: str) -> frozenset[str]:
+    """The addresses ``host`` resolves to now. Blocking (DNS): called on threads of its own.
+
+    Raises ``OSError`` when it does not resolve.
+    """
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    addresses = frozenset(_normalise_address(str(info[4][0])) for info in infos)
+    if not addresses:
+        raise OSError(f"{host} has no address")
+    return addresses
+
+
+def _now() -> float:
+    """The clock of the source host cache."""
+    return time.monotonic()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one calling AE title may connect from."""
+
+    anywhere: bool = False
+    addresses: frozenset[str] = frozenset()  # IP addresses, as configured
+    hosts: tuple[str, ...] = ()  # host names, resolved when needed
+
+
+def _parse_sources(sources: Iterable[DicomSource]) -> dict[str, _Source]:
+    """``dicom.sources`` by calling AE title; a ``host`` that is neither a host name nor an IP
+    address is a configuration error."""
+    anywhere: set[str] = set()
+    addresses: dict[str, set[str]] = {}
+    hosts: dict[str, list[str]] = {}
+    for index, source in enumerate(sources):
+        title = source.ae_title
+        addresses.setdefault(title, set())
+        hosts.setdefault(title, [])
+        if source.host is None:
+            anywhere.add(title)
+            continue
+        literal = _literal_address(source.host)
+        if literal is not None:
+            addresses[title].add(literal)
+        elif _is_host_name(source.host):
+            if source.host not in hosts[title]:
+                hosts[title].append(source.host)
+        else:
+            raise ConfigError(f"dicom.sources[{index}].host: {source.host!r} is not a host name or an IP address")
+    return {
+        title: _Source(True) if title in anywhere else _Source(False, frozenset(addresses[title]), tuple(hosts[title]))
+        for title in addresses
+    }
+
+
+@dataclass
+class _Lookup:
+    """What is known of one source host name."""
+
+    sources: tuple[str, ...]  # the AE titles naming it, for the log
+    addresses: frozenset[str] = frozenset()  # from the last lookup that succeeded
+    error: str | None = None  # why the last lookup failed, if it did
+    resolved_at: float | None = None  # when the last lookup ended; None: never
+    pending: concurrent.futures.Future[None] | None = None  # the lookup in progress
+
+
+class _SourceHosts:
+    """The addresses of the host names of ``dicom.sources``, resolved off the event loop.
+
+    ``lookup`` resolves a name again, on a thread of its own, when its last answer is older
+    than ``RESOLVE_INTERVAL`` (``RETRY_INTERVAL`` after a failure), and waits at most
+    ``RESOLVE_WAIT`` for it; whoever asks meanwhile waits for that same lookup. A failed lookup
+    keeps the addresses of the last one that succeeded.
+    """
+
+    def __init__(self, names: dict[str, tuple[str, ...]]) -> None:
+        self._lock = threading.Lock()
+        self._lookups = {host: _Lookup(sources) for host, sources in names.items()}
+
+    def resolve_all(self) -> None:
+        """Resolve every name, in parallel, waiting at most ``RESOLVE_WAIT`` (at start-up)."""
+        pending = [future for future in map(self._refresh, self._lookups) if future is not None]
+        concurrent.futures.wait(pending, timeout=RESOLVE_WAIT)
+
+    def lookup(self, host: str) -> tuple[frozenset[str], str | None]:
+        """The addresses ``host`` stands for, and why its last lookup failed (if it did)."""
+        pending = self._refresh(host)
+        if pending is not None:
+            with contextlib.suppress(TimeoutError):
+                pending.result(timeout=RESOLVE_WAIT)
+        with self._lock:
+            entry = self._lookups[host]
+            return entry.addresses, entry.error
+
+    def _refresh(self, host: str) -> concurrent.futures.Future[None] | None:
+        """The lookup of ``host`` in progress, started here when its last answer is too old."""
+        with self._lock:
+            entry = self._lookups[host]
+            if entry.pending is None:
+                interval = RESOLVE_INTERVAL if entry.error is None else RETRY_INTERVAL
+                if entry.resolved_at is None or _now() - entry.resolved_at >= interval:
+                    entry.pending = concurrent.futures.Future()
+                    threading.Thread(
+                        target=self._resolve, args=(host, entry), name="mwm-dicom-resolve", daemon=True
+                    ).start()
+            return entry.pending
+
+    def _resolve(self, host: str, entry: _Lookup) -> None:
+        addresses: frozenset[str] = frozenset()
+        error: str | None = "the lookup did not complete"
+        try:
+            addresses = resolve_host(host)
+            error = None
+        except (OSError, UnicodeError, ValueError) as exc:
+            error = str(exc) or type(exc).__name__
+        finally:
+            with self._lock:
+                before, failed_before, first = entry.addresses, entry.error, entry.resolved_at is None
+                if error is None:
+                    entry.addresses, entry.error = addresses, None
+                else:
+                    entry.error = error
+                entry.resolved_at = _now()
+                pending, entry.pending = entry.pending, None
+            if pending is not None:
+                pending.set_result(None)
+        sources = ", ".join(entry.sources)
+        if error is not None:
+            if before:
+                outcome = f"still accepting it from {', '.join(sorted(before))}, as last resolved"
+            else:
+                outcome = "its associations are refused until it resolves"
+            log.warning("DICOM source %s: cannot resolve host %r: %s; %s", sources, host, error, outcome)
+        elif failed_before is not None or (not first and addresses != before):
+            log.info("DICOM source %s: host %r now resolves to %s", sources, host, ", ".join(sorted(addresses)))
+        else:
+            log.debug("DICOM source %s: host %r resolves to %s", sources, host, ", ".join(sorted(addresses)))
 
 
 def _sop_rules(aes: Iterable[DicomAe]) -> dict[str, _SopRules]:
@@ -804,10 +976,24 @@ def _calling_aet(assoc: Association) -> str:
     return str(request.calling_ae_title).strip() if request is not None else ""
 
 
+def _peer(assoc: Association) -> str:
+    """``CALLING@address`` of the peer, for the log."""
+    return f"{_calling_aet(assoc)}@{assoc.requestor.address}"
+
+
+def _open_associations(assoc: Association) -> int:
+    """Associations accepted or being negotiated by this AE, ``assoc`` included (as pynetdicom counts them)."""
+    return sum(1 for other in assoc.ae.active_associations if other.is_acceptor)
+
+
 def _comment(text: str) -> str:
     """An Error Comment (LO: at most 64 characters, no backslash; ASCII, as the command set has no
     character set to name another)."""
     return text.replace("\\", "/").encode("ascii", "replace").decode("ascii")[:64]
+
+
+def _status_of(answer: int | Dataset) -> int:
+    return answer if isinstance(answer, int) else int(answer.Status)
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -833,7 +1019,12 @@ class DicomServer:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._sop_rules = _sop_rules(settings.dicom.aes)
-        self._sources: dict[str, set[str] | None] = {}
+        self._sources = _parse_sources(settings.dicom.sources)
+        names: dict[str, tuple[str, ...]] = {}
+        for title, source in self._sources.items():
+            for host in source.hosts:
+                names[host] = (*names.get(host, ()), title)
+        self._hosts = _SourceHosts(names)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -847,7 +1038,8 @@ class DicomServer:
         assert settings.server.dicom is not None
         host, _, port = settings.server.dicom.rpartition(":")
         host = host.strip("[]")
-        self._sources = self._load_sources()
+        if settings.dicom.rejects_unknown_sources:
+            self._hosts.resolve_all()  # a name that does not resolve is logged, and tried again later
         ssl_context = _tls_context(settings)
 
         # Process-wide pynetdicom option: no per-message log formatting (mwm logs what matters).
@@ -874,6 +1066,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         staging = _Staging(self.ingestor.staging_name, int(self.ingestor.max_instance_size))
         try:
@@ -953,21 +1146,27 @@ class DicomServer:
             titles.update(app.match.called_aet)
         return titles
 
-    def _load_sources(self) -> dict[str, set[str] | None]:
-        sources: dict[str, set[str] | None] = {}
-        for source in self.settings.dicom.sources:
-            if source.host is None:
-                sources[source.ae_title] = None  # from anywhere
-            elif source.ae_title not in sources or sources[source.ae_title] is not None:
-                addresses = sources.get(source.ae_title) or set()
-                sources[source.ae_title] = addresses | _resolve(source.host)
-        return sources
+    def _source_refusal(self, calling_aet: str, address: str) -> str | None:
+        """Why ``calling_aet`` may not connect from ``address`` under ``dicom.sources``; None if it may.
 
-    def _source_known(self, calling_aet: str, address: str) -> bool:
-        if calling_aet not in self._sources:
-            return False
-        addresses = self._sources[calling_aet]
-        return addresses is None or _normalise_address(address) in addresses
+        Blocking when a host name is due to be resolved again: called on the association's thread.
+        """
+        source = self._sources.get(calling_aet)
+        if source is None:
+            return f"unknown calling AE title {calling_aet!r}"
+        peer = _normalise_address(address)
+        if source.anywhere or peer in source.addresses:
+            return None
+        expected = sorted(source.addresses)
+        for host in source.hosts:
+            addresses, error = self._hosts.lookup(host)
+            if peer in addresses:
+                return None
+            known = [", ".join(sorted(addresses))] if addresses else []
+            if error is not None:
+                known.append(f"cannot resolve: {error}")
+            expected.append(f"{host} ({'; '.join(known) or 'not resolved yet'})")
+        return f"calling AE title {calling_aet!r} from {peer}, expected {' or '.join(expected)}"
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -975,18 +1174,19 @@ class DicomServer:
         calling = _calling_aet(assoc)
         address = str(assoc.requestor.address)
         reject: tuple[int, int, int] | None = None
+        reason: str | None = None
         if called not in self.served_ae_titles():
-            log.warning(
-                "DICOM association from %s@%s refused: called AE title %r is not served", calling, address, called
-            )
-            reject = REJECT_CALLED_AET
-        elif self.settings.dicom.rejects_unknown_sources and not self._source_known(calling, address):
-            log.warning("DICOM association from %s@%s refused: unknown source", calling, address)
-            reject = REJECT_CALLING_AET
-        elif self.ingestor.pressure is not None:
-            log.warning("DICOM association from %s@%s refused: %s", calling, address, self.ingestor.pressure)
-            reject = REJECT_CONGESTION
+            reason, reject = f"called AE title {called!r} is not served", REJECT_CALLED_AET
+        elif self.settings.dicom.rejects_unknown_sources and (refusal := self._source_refusal(calling, address)):
+            reason, reject = refusal, REJECT_CALLING_AET
+        elif (open_now := _open_associations(assoc) - 1) >= assoc.ae.maximum_associations:
+            reason = f"too many associations ({open_now} open, at most {assoc.ae.maximum_associations})"
+            reject = REJECT_LIMIT
+        elif (pressure := self.ingestor.pressure) is not None:
+            reason, reject = pressure, REJECT_CONGESTION
         if reject is not None:
+            log.warning("DICOM association from %s@%s refused: %s", calling, address, reason)
+            assoc._mwm_refused = True  # type: ignore[attr-defined]  # logged: _on_rejected stays quiet
             assoc.acse.send_reject(*reject)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
@@ -994,6 +1194,19 @@ class DicomServer:
         request = assoc.requestor.primitive
         if request is not None:
             assoc.acceptor.supported_contexts = contexts_for(request.presentation_context_definition_list)
+
+    @staticmethod
+    def _on_rejected(event: evt.Event) -> None:
+        """Log a rejection pynetdicom made itself (its own count of associations is taken a
+        moment after ``_on_requested``'s)."""
+        assoc = event.assoc
+        if not assoc.is_acceptor or getattr(assoc, "_mwm_refused", False):
+            return
+        response = assoc.acceptor.primitive
+        reason = response.reason_str if response is not None and response.result is not None else "rejected"
+        log.warning(
+            "DICOM association from %s@%s refused: %s", _calling_aet(assoc), assoc.requestor.address, reason.lower()
+        )
 
     # -- services ---------------------------------------------------------------------------
 
@@ -1028,7 +1241,19 @@ class DicomServer:
                 sha256 = received.sha256 if received is not None else None
                 received = None  # from here the staged file is ingest's, whatever happens
                 # Parsed and placed on this (the association's) thread; the event loop only records it.
-                return self._answer(self._ingest(self.ingestor.receive_file(staged, sha256), origin))
+                outcome = self._ingest(self.ingestor.receive_file(staged, sha256), origin)
+                answer = self._answer(outcome)
+                if outcome.status == "rejected":  # failures to store are logged by ingest
+                    detail = f" ({outcome.detail})" if outcome.detail else ""
+                    log.warning(
+                        "C-STORE from %s to %s refused (0x%04X): %s%s",
+                        _peer(assoc),
+                        origin.called_aet,
+                        _status_of(answer),
+                        outcome.reason or outcome.status,
+                        detail,
+                    )
+                return answer
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -1042,10 +1267,22 @@ class DicomServer:
         sop_class = str(cast(C_STORE, event.request).AffectedSOPClassUID)
         rules = self._sop_rules.get(called)
         if rules is not None and not rules.accepts(sop_class):
-            log.warning("C-STORE to %s refused: SOP class %s is not accepted there", called, sop_class)
+            log.warning(
+                "C-STORE from %s to %s refused (0x%04X): SOP class %s is not accepted there",
+                _peer(event.assoc),
+                called,
+                STATUS_SOP_CLASS_REFUSED,
+                sop_class,
+            )
             return self._status(STATUS_SOP_CLASS_REFUSED, f"SOP class not accepted by {called}")
         if received is not None and received.error is not None:
-            log.warning("C-STORE to %s not stored: %s", called, received.error)
+            log.warning(
+                "C-STORE from %s to %s refused (0x%04X): %s",
+                _peer(event.assoc),
+                called,
+                received.error_status,
+                received.error,
+            )
             return self._status(received.error_status, received.error)
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import struct
 import time
@@ -55,6 +56,10 @@ def c_store(port: int, paths: Sequence[Path], *, called: str = "MWM", calling: s
         return statuses
     finally:
         assoc.release()
+
+
+def scp_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mwm.scp" and r.levelno == logging.WARNING]
 
 
 def sha256(data: bytes) -> str:
@@ -276,7 +281,7 @@ async def test_api_added_application_adds_its_ae_title(tmp_path, make_service, c
     assert (await echoscu(service.dicom_port, called="SEGMENTER")).returncode == 0
 
 
-async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, client_for, small_study):
+async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, client_for, small_study, caplog):
     sources = [{"ae_title": "KNOWN", "host": "127.0.0.1"}, {"ae_title": "ELSEWHERE", "host": "192.0.2.1"}]
     service = await make_service(scp_config(tmp_path, dicom={"sources": sources}))
     client = await client_for(service)
@@ -284,13 +289,18 @@ async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, clie
         result = await echoscu(service.dicom_port, calling=calling)
         assert result.returncode != 0
         assert "calling ae title not recognized" in result.output.lower(), result.output
+    assert scp_warnings(caplog) == [
+        "DICOM association from STRANGER@127.0.0.1 refused: unknown calling AE title 'STRANGER'",
+        "DICOM association from ELSEWHERE@127.0.0.1 refused: calling AE title 'ELSEWHERE' from 127.0.0.1, "
+        "expected 192.0.2.1",
+    ]
     store = await storescu(service.dicom_port, small_study.paths[:1], calling="STRANGER")
     assert store.returncode != 0
     assert await instances(client) == []
     assert (await echoscu(service.dicom_port, calling="KNOWN")).returncode == 0
 
 
-async def test_too_many_associations_are_refused_transiently(tmp_path, make_service):
+async def test_too_many_associations_are_refused_transiently(tmp_path, make_service, caplog):
     service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
@@ -300,10 +310,32 @@ async def test_too_many_associations_are_refused_transiently(tmp_path, make_serv
         result = await echoscu(service.dicom_port)
         assert result.returncode != 0
         assert "local limit exceeded" in result.output.lower(), result.output
+        assert scp_warnings(caplog) == [
+            "DICOM association from ECHOSCU@127.0.0.1 refused: too many associations (1 open, at most 1)"
+        ]
     finally:
         await asyncio.to_thread(first.release)
     await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="association closed")
     assert (await echoscu(service.dicom_port)).returncode == 0
+
+
+async def test_a_rejection_pynetdicom_makes_itself_is_logged_once(tmp_path, make_service, caplog, monkeypatch):
+    """pynetdicom counts associations again a moment after mwm has: what it rejects then is logged too."""
+    from mwm import scp
+
+    monkeypatch.setattr(scp, "_open_associations", lambda assoc: 1)  # as if the other one had not started yet
+    service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    first = await asyncio.to_thread(ae.associate, "127.0.0.1", service.dicom_port, ae_title="MWM")
+    try:
+        assert first.is_established
+        result = await echoscu(service.dicom_port)
+        assert result.returncode != 0
+        assert "local limit exceeded" in result.output.lower(), result.output
+        assert scp_warnings(caplog) == ["DICOM association from ECHOSCU@127.0.0.1 refused: local limit exceeded"]
+    finally:
+        await asyncio.to_thread(first.release)
 
 
 async def test_disk_pressure_refuses_new_associations_transiently(tmp_path, make_service):
@@ -317,7 +349,7 @@ async def test_disk_pressure_refuses_new_associations_transiently(tmp_path, make
 
 
 async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
-    tmp_path, make_service, client_for, small_study
+    tmp_path, make_service, client_for, small_study, caplog
 ):
     aes = [
         {"ae_title": "MWM", "deny_sop_classes": [CT_IMAGE_STORAGE]},
@@ -328,6 +360,11 @@ async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
     for called in ("MWM", "ONLYMR"):
         statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:2], called=called)
         assert statuses == [0x0122, 0x0122]
+    assert scp_warnings(caplog) == [
+        f"C-STORE from PYNETDICOM@127.0.0.1 to {called} refused (0x0122): SOP class {CT_IMAGE_STORAGE} "
+        "is not accepted there"
+        for called in ("MWM", "MWM", "ONLYMR", "ONLYMR")
+    ]
     assert await instances(client) == []
     assert list(service.ingestor.staging_dir.iterdir()) == []
     result = await storescu(service.dicom_port, small_study.paths[:1], "-v")
@@ -361,7 +398,7 @@ async def test_full_disk_answers_out_of_resources_and_records_nothing(
     assert statuses == [0x0000] * 3
 
 
-async def test_unparseable_data_set_is_refused_with_cannot_understand(tmp_path, make_service, client_for):
+async def test_unparseable_data_set_is_refused_with_cannot_understand(tmp_path, make_service, client_for, caplog):
     service = await make_service(scp_config(tmp_path))
     client = await client_for(service)
     ds = Dataset()  # no Study/Series UIDs: not an instance mwm can file
@@ -383,6 +420,8 @@ async def test_unparseable_data_set_is_refused_with_cannot_understand(tmp_path, 
     status = await asyncio.to_thread(send)
     assert 0xC000 <= status <= 0xCFFF
     assert await instances(client) == []
+    (logged,) = scp_warnings(caplog)
+    assert logged.startswith(f"C-STORE from BROKEN@127.0.0.1 to MWM refused (0x{status:04X}): "), logged
 
 
 # -- a sender that goes away -------------------------------------------------------------------
