@@ -65,6 +65,13 @@ class Metrics:
         self.storage_free = Gauge("mwm_storage_free_bytes", "Free space where instances are stored", registry=r)
         self.storage_total = Gauge("mwm_storage_total_bytes", "Size of the storage file system", registry=r)
         self.dicom_associations = Gauge("mwm_dicom_associations", "Open DICOM associations", registry=r)
+        self.dicom_associations_rejected = Counter(
+            "mwm_dicom_associations_rejected",
+            "DICOM associations refused: called_aet (not served), calling_aet (unknown source or address),"
+            " limit (too many), congestion (disk pressure), other",
+            ["reason"],
+            registry=r,
+        )
         self.up = Gauge("mwm_up", "1 while mwm is accepting new instances", registry=r)
         self.disk_pressure = Gauge(
             "mwm_disk_pressure", "1 while new instances are refused for want of disk space", registry=r

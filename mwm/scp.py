@@ -104,6 +104,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from .errors import ConfigError
 from .ingest import Origin, Outcome, Received
+from .metrics import Metrics
 
 if TYPE_CHECKING:
     from .apps import AppRegistry
@@ -1007,10 +1008,13 @@ class DicomServer:
     ``server.shutdown_timeout``), then aborts what is left open.
     """
 
-    def __init__(self, *, settings: Settings, ingestor: Ingestor, apps: AppRegistry) -> None:
+    def __init__(
+        self, *, settings: Settings, ingestor: Ingestor, apps: AppRegistry, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.apps = apps
+        self.metrics = metrics or Metrics()
         self.port: int | None = None
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -1175,17 +1179,19 @@ class DicomServer:
         address = str(assoc.requestor.address)
         reject: tuple[int, int, int] | None = None
         reason: str | None = None
+        kind = ""
         if called not in self.served_ae_titles():
-            reason, reject = f"called AE title {called!r} is not served", REJECT_CALLED_AET
+            reason, reject, kind = f"called AE title {called!r} is not served", REJECT_CALLED_AET, "called_aet"
         elif self.settings.dicom.rejects_unknown_sources and (refusal := self._source_refusal(calling, address)):
-            reason, reject = refusal, REJECT_CALLING_AET
+            reason, reject, kind = refusal, REJECT_CALLING_AET, "calling_aet"
         elif (open_now := _open_associations(assoc) - 1) >= assoc.ae.maximum_associations:
             reason = f"too many associations ({open_now} open, at most {assoc.ae.maximum_associations})"
-            reject = REJECT_LIMIT
+            reject, kind = REJECT_LIMIT, "limit"
         elif (pressure := self.ingestor.pressure) is not None:
-            reason, reject = pressure, REJECT_CONGESTION
+            reason, reject, kind = pressure, REJECT_CONGESTION, "congestion"
         if reject is not None:
             log.warning("DICOM association from %s@%s refused: %s", calling, address, reason)
+            self.metrics.dicom_associations_rejected.labels(kind).inc()
             assoc._mwm_refused = True  # type: ignore[attr-defined]  # logged: _on_rejected stays quiet
             assoc.acse.send_reject(*reject)
             evt.trigger(assoc, evt.EVT_REJECTED, {})
@@ -1195,13 +1201,13 @@ class DicomServer:
         if request is not None:
             assoc.acceptor.supported_contexts = contexts_for(request.presentation_context_definition_list)
 
-    @staticmethod
-    def _on_rejected(event: evt.Event) -> None:
+    def _on_rejected(self, event: evt.Event) -> None:
         """Log a rejection pynetdicom made itself (its own count of associations is taken a
         moment after ``_on_requested``'s)."""
         assoc = event.assoc
         if not assoc.is_acceptor or getattr(assoc, "_mwm_refused", False):
             return
+        self.metrics.dicom_associations_rejected.labels("other").inc()
         response = assoc.acceptor.primitive
         reason = response.reason_str if response is not None and response.result is not None else "rejected"
         log.warning(
@@ -1274,6 +1280,7 @@ class DicomServer:
                 STATUS_SOP_CLASS_REFUSED,
                 sop_class,
             )
+            self.metrics.rejections.labels("dicom", "SOP class not accepted").inc()
             return self._status(STATUS_SOP_CLASS_REFUSED, f"SOP class not accepted by {called}")
         if received is not None and received.error is not None:
             log.warning(

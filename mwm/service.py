@@ -257,7 +257,9 @@ class Service:
             if settings.server.dicom:
                 from .scp import DicomServer  # pynetdicom is loaded only when the SCP is enabled
 
-                self.dicom = DicomServer(settings=settings, ingestor=self.ingestor, apps=self.apps)
+                self.dicom = DicomServer(
+                    settings=settings, ingestor=self.ingestor, apps=self.apps, metrics=self.metrics
+                )
                 await self.dicom.start()
                 stack.push_async_callback(self.dicom.stop)
                 self.dicom_port = self.dicom.port

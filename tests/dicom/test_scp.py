@@ -298,6 +298,7 @@ async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, clie
     assert store.returncode != 0
     assert await instances(client) == []
     assert (await echoscu(service.dicom_port, calling="KNOWN")).returncode == 0
+    assert 'mwm_dicom_associations_rejected_total{reason="calling_aet"} 3.0' in await metrics_text(client)
 
 
 async def test_too_many_associations_are_refused_transiently(tmp_path, make_service, caplog):
@@ -317,6 +318,7 @@ async def test_too_many_associations_are_refused_transiently(tmp_path, make_serv
         await asyncio.to_thread(first.release)
     await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="association closed")
     assert (await echoscu(service.dicom_port)).returncode == 0
+    assert service.metrics.dicom_associations_rejected.labels("limit")._value.get() == 1
 
 
 async def test_a_rejection_pynetdicom_makes_itself_is_logged_once(tmp_path, make_service, caplog, monkeypatch):
@@ -367,6 +369,7 @@ async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
     ]
     assert await instances(client) == []
     assert list(service.ingestor.staging_dir.iterdir()) == []
+    assert 'mwm_rejections_total{reason="SOP class not accepted",source="dicom"} 4.0' in await metrics_text(client)
     result = await storescu(service.dicom_port, small_study.paths[:1], "-v")
     assert result.returncode != 0
     assert "Refused: SOPClassNotSupported" in result.output, result.output
@@ -640,3 +643,8 @@ async def test_stop_never_overtakes_a_response_on_its_way_out(
         monkeypatch.setattr(scp, "_command_pdu", slow_response)
 
     await stop_during_a_c_store(scp_config(tmp_path), small_study, make_service, client_for, arm)
+
+
+async def metrics_text(client) -> str:
+    async with client.session.get(client.url + "/metrics") as response:
+        return await response.text()
