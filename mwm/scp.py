@@ -1035,7 +1035,25 @@ class DicomServer:
     async def start(self) -> None:
         """Bind ``settings.server.dicom`` and start accepting associations."""
         self._loop = asyncio.get_running_loop()
+        self._warn_of_aes_serving_nothing_else()
         await asyncio.to_thread(self._start)
+
+    def _warn_of_aes_serving_nothing_else(self) -> None:
+        """An ``aes`` entry serves its AE title by itself: one that no other setting serves is most
+        likely a typo, which would leave the AE title meant without its SOP class rules."""
+        settings = self.settings
+        elsewhere = {settings.server.ae_title, *settings.dicom.ae_titles}
+        for app in self.apps.all():
+            elsewhere.update(app.match.called_aet)
+        for index, ae in enumerate(settings.dicom.aes):
+            if ae.ae_title not in elsewhere:
+                log.warning(
+                    "dicom.aes[%d]: %r is served only because of this entry (it is not server.ae_title, in"
+                    " dicom.ae_titles or an application's called_aet): a typo? Served: %s",
+                    index,
+                    ae.ae_title,
+                    ", ".join(sorted(elsewhere)),
+                )
 
     def _start(self) -> None:
         settings = self.settings

@@ -375,6 +375,16 @@ async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
     assert "Refused: SOPClassNotSupported" in result.output, result.output
 
 
+async def test_an_aes_entry_for_an_ae_title_served_nowhere_else_is_warned_of(tmp_path, make_service, caplog):
+    aes = [{"ae_title": "MWM", "deny_sop_classes": [CT_IMAGE_STORAGE]}, {"ae_title": "MWM_CT", "allow_sop_classes": []}]
+    await make_service(scp_config(tmp_path, dicom={"aes": aes}))
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dicom.aes")]
+    assert warnings == [
+        "dicom.aes[1]: 'MWM_CT' is served only because of this entry (it is not server.ae_title, in"
+        " dicom.ae_titles or an application's called_aet): a typo? Served: MWM"
+    ]
+
+
 async def test_full_disk_answers_out_of_resources_and_records_nothing(
     tmp_path, make_service, client_for, small_study, monkeypatch
 ):
