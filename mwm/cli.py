@@ -428,7 +428,9 @@ def _print_job(job: dict[str, Any]) -> None:
         )
     if job.get("error"):
         label = "last error" if retrying else "error"
-        console.print(f"  [red]{label}[/] {escape(job['error'])}", markup=True, highlight=False, soft_wrap=True)
+        # Its first line says what happened; the rest is the log's tail, printed below anyway.
+        error = job["error"].splitlines()[0] if job.get("log_tail") else job["error"]
+        console.print(f"  [red]{label}[/] {escape(error)}", markup=True, highlight=False, soft_wrap=True)
     for series in job.get("series", []):
         console.print(
             f"  series {series['series_instance_uid']} {series['modality']} "

@@ -182,6 +182,23 @@ async def test_discovery_rules_and_explicit_apps(tmp_path, make_service, client_
     assert {b["app_id"] for i in answer["instances"] for b in i["buckets"]} == {"mr-only"}
 
 
+async def test_a_crashing_application_is_failed_with_its_exception_first(
+    tmp_path, make_service, client_for, small_study
+):
+    """A Python traceback in the log: the reason starts with the exception, and Python's ``^^^``
+    pointer lines are left out of it."""
+    script = "import json\ndef load():\n    return json.loads('{broken')\nload()\n"
+    config = base_config(tmp_path, apps=[python_app("crash", script, timeout="100ms", max_attempts=1)])
+    service = await make_service(config)
+    client = await client_for(service)
+    await upload_files(client, small_study.paths[:1])
+    (job,) = await wait_jobs(client, 1, ("failed",))
+    first, *rest = job["error"].splitlines()
+    assert first.startswith("exited with code 1: json.decoder.JSONDecodeError: Expecting property name")
+    assert "Traceback (most recent call last):" in rest
+    assert not [line for line in rest if set(line.strip()) <= {"^", "~"} and line.strip()]
+
+
 async def test_a_failing_application_is_retried_then_failed_with_its_log(
     tmp_path, make_service, client_for, small_study
 ):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -71,6 +72,24 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+_MARKERS = re.compile(r"^\s*[\^~]+\s*$")  # Python's pointers under the failing expression
+
+
+def failure_message(what: str, tail: str) -> str:
+    """``what`` happened, the line that says why, then the log's last lines (without Python's
+    ``^^^^`` pointer lines). The line that says why is a Python traceback's last line (the
+    exception) when the tail holds one, else the last line written."""
+    lines = [line for line in tail.splitlines() if not _MARKERS.match(line)]
+    written = [line for line in lines if line.strip()]
+    if not written:
+        return what
+    headline = written[-1].strip()
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        exceptions = [line for line in written if not line.startswith((" ", "\t", "Traceback"))]
+        headline = (exceptions or written)[-1].strip()
+    return f"{what}: {headline}\n" + "\n".join(lines).strip()
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -217,7 +236,7 @@ class LocalEngine(Engine):
         else:
             what = f"exited with code {returncode}"
         tail = log_tail(ctx.log_path)
-        return EngineStatus("failed", message=f"{what}\n{tail}".strip(), exit_code=returncode)
+        return EngineStatus("failed", message=failure_message(what, tail), exit_code=returncode)
 
     async def poll(self, ctx: JobContext, ref: str) -> EngineStatus:
         process = self._processes.get(ref)
