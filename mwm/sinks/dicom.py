@@ -1,10 +1,16 @@
 """The ``dicom`` sink: results sent with C-STORE to a remote AE (a PACS, a viewer, a router).
 
 Each batch goes over one association (more only when it holds more than 128 distinct
-SOP class / transfer syntax pairs), which proposes exactly the pairs of its instances. The
-stored bytes are sent as they are: pynetdicom streams the data set from the stored file
-(``STORE_SEND_CHUNKED_DATASET``), so it is never decoded or re-encoded and a transfer syntax
-the destination does not accept is reported rather than converted.
+SOP class / transfer syntax pairs), with one presentation context per pair. A result stored
+in an uncompressed transfer syntax (explicit or implicit VR little endian, explicit VR big
+endian, deflated explicit VR little endian) is proposed in its own transfer syntax first, then
+in explicit and implicit VR little endian, which every destination supports; a compressed one
+(JPEG, JPEG-LS, JPEG 2000, RLE, ...) only in its own, as it is never decompressed.
+
+When the destination accepts the stored transfer syntax, the stored bytes are sent as they are:
+pynetdicom streams the data set from the stored file (``STORE_SEND_CHUNKED_DATASET``), never
+decoding it. Otherwise the data set is read and encoded in the accepted transfer syntax, value
+for value (big endian binary values byte-swapped), so the destination gets the same data set.
 
 Outcome of each instance, from the C-STORE response status (PS3.4 B.2.3, PS3.7 C):
 
@@ -18,9 +24,19 @@ failure, 0x0213 resource limitation         recover)
 no response (time-out, abort)               failed, retryable
 ==========================================  ===========================================
 
-A rejected, aborted or unreachable association fails the whole batch, retryable. Every wait
-is bounded by ``timeout``, and associations run on the sink's own thread, so a destination
-that is down holds up nothing but its own deliveries.
+and from the association:
+
+==========================================  ===========================================
+no presentation context accepted for the    failed for good, naming the SOP class and
+instance's SOP class and transfer syntaxes  the transfer syntaxes proposed
+association rejected (A-ASSOCIATE-RJ)       failed; retryable only when the rejection is
+                                            transient
+unreachable, connection closed or aborted,  failed, retryable
+no answer in time
+==========================================  ===========================================
+
+Every wait is bounded by ``timeout``, and associations run on the sink's own thread, so a
+destination that is down holds up nothing but its own deliveries.
 """
 
 from __future__ import annotations
@@ -34,15 +50,29 @@ import shutil
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import _config, build_context
+from pydicom.filewriter import correct_ambiguous_vr
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import _config, build_context, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ..echo import AssociationFailed, RequestorAE, Target, request_association
@@ -55,6 +85,15 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd context IDs 1..255)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _RETRYABLE_FAILURES = frozenset({0x0110, 0x0213})
+#: Transfer syntaxes a data set can be re-encoded in without loss, and those proposed besides
+#: the stored one (PS3.5 10.1: every SCP supports implicit VR little endian).
+_UNCOMPRESSED = frozenset(
+    {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+)
+_ALTERNATIVES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: Binary VRs whose values are kept as bytes, by their word size (swapped between endiannesses).
+_WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_ABORT_SOURCES = {0: "service user", 2: "service provider"}
 
 
 def _check_aet(value: str, where: str) -> None:
@@ -99,6 +138,92 @@ def store_outcome(delivery_id: int, status: int) -> DeliveryOutcome:
         return DeliveryOutcome(delivery_id, "delivered", f"delivered with a warning: {text}")
     retryable = 0xA700 <= status <= 0xA7FF or status in _RETRYABLE_FAILURES
     return DeliveryOutcome(delivery_id, "failed", f"refused with {text}", retryable)
+
+
+def proposed_syntaxes(stored: str) -> list[str]:
+    """The transfer syntaxes proposed for a result stored in ``stored``, its own first."""
+    if stored not in _UNCOMPRESSED:
+        return [stored]
+    return [stored, *(syntax for syntax in _ALTERNATIVES if syntax != stored)]
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+def _either(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def no_context_message(sop_class: str, syntaxes: Sequence[str]) -> str:
+    """Why an instance cannot be sent: no presentation context for it was accepted."""
+    names = [UID(syntax).name for syntax in syntaxes]
+    return f"the destination accepts no presentation context for {_uid_name(sop_class)} in {_either(names)}"
+
+
+def _swapped(value: bytes, size: int) -> bytes:
+    """``value`` with the byte order of each ``size``-byte word reversed."""
+    if len(value) % size:
+        raise ValueError(f"{len(value)} bytes are not a whole number of {size}-byte words")
+    out = bytearray(len(value))
+    for n in range(size):
+        out[n::size] = value[size - 1 - n :: size]
+    return bytes(out)
+
+
+def _to_other_endianness(elem: DataElement) -> None:
+    """Byte-swap the value of ``elem`` if it is held as bytes of multi-byte words."""
+    if elem.value is None or elem.value == b"":
+        return
+    if elem.VR == "UN":
+        raise ValueError(f"the byte order of {elem.tag} (VR UN) is unknown")
+    size = _WORDS.get(elem.VR)
+    if size is not None:
+        if not isinstance(elem.value, bytes):
+            raise ValueError(f"{elem.tag} ({elem.VR}) is not held as bytes")
+        elem.value = _swapped(elem.value, size)
+
+
+def converted(path: Path, syntax: str) -> Dataset:
+    """The data set of the file at ``path``, uncompressed, ready to be encoded in ``syntax``
+    (an uncompressed transfer syntax): every value as stored."""
+    target = UID(syntax)
+    ds = dcmread(path)
+    source = UID(ds.file_meta.TransferSyntaxUID)
+    if source not in _UNCOMPRESSED or target not in _UNCOMPRESSED:
+        raise ValueError(f"{source.name} cannot be converted to {target.name}")
+    # Decode every element (nested ones too) in the stored encoding, then resolve the VRs an
+    # implicit VR encoding leaves ambiguous (US or SS, OB or OW, ...).
+    elements = list(ds.iterall())
+    correct_ambiguous_vr(ds, source.is_little_endian)
+    if source.is_little_endian != target.is_little_endian:
+        for elem in elements:
+            _to_other_endianness(elem)
+    ds.file_meta.TransferSyntaxUID = target
+    # What pynetdicom encodes in: the accepted transfer syntax (all values are decoded, so
+    # nothing is written in the stored encoding).
+    ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian)
+    return ds
+
+
+class _RequestorAE(RequestorAE):
+    """Keeps the association it requested and any A-ABORT the destination sent during it."""
+
+    def __init__(self, ae_title: str) -> None:
+        super().__init__(ae_title=ae_title)
+        self.association: Association | None = None
+        self.peer_abort: A_ABORT_RQ | None = None
+
+    def associate(self, *args: Any, **kwargs: Any) -> Association:
+        kwargs["evt_handlers"] = [*(kwargs.get("evt_handlers") or []), (evt.EVT_PDU_RECV, self._on_pdu)]
+        self.association = super().associate(*args, **kwargs)
+        return self.association
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        pdu = getattr(event, "pdu", None)
+        if isinstance(pdu, A_ABORT_RQ):
+            self.peer_abort = pdu
 
 
 @dataclass
@@ -227,9 +352,9 @@ class DicomSink(Sink):
 
     def _send_over_one_association(self, pairs: dict[tuple[str, str], list[_Item]]) -> list[DeliveryOutcome]:
         options = self.options
-        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
-        ae = RequestorAE(ae_title=options.calling_aet)
-        every = [item for group in pairs.values() for item in group]
+        contexts = [build_context(sop_class, proposed_syntaxes(syntax)) for sop_class, syntax in pairs]
+        ae = _RequestorAE(options.calling_aet)
+        started = time.monotonic()
         try:
             assoc = request_association(
                 ae,
@@ -240,8 +365,7 @@ class DicomSink(Sink):
                 tls=self._tls,
             )
         except AssociationFailed as exc:
-            log.warning("sink %s: %s: %s", self.id, self.target, exc.message)
-            return [DeliveryOutcome(i.delivery.delivery_id, "failed", f"{self.target}: {exc.message}") for i in every]
+            return self._not_associated(ae, exc, pairs, time.monotonic() - started)
         with self._lock:
             self._current = assoc
         try:
@@ -252,29 +376,74 @@ class DicomSink(Sink):
             if assoc.is_established:
                 assoc.release()
 
+    def _not_associated(
+        self, ae: _RequestorAE, exc: AssociationFailed, pairs: dict[tuple[str, str], list[_Item]], elapsed: float
+    ) -> list[DeliveryOutcome]:
+        """The outcomes of a batch for which no association could be established."""
+        assoc = ae.association
+        timeout = float(self.options.timeout)
+        message, retryable = exc.message, True
+        if assoc is not None and not exc.unreachable:
+            answer = assoc.acceptor.primitive
+            # A rejection, even "rejected-permanent", is retried: it most often means the
+            # destination does not know mwm yet, and once it does the results go through by
+            # themselves (within delivery.max_attempts). Its message says which it was.
+            if assoc.is_rejected:
+                message = exc.message
+            elif isinstance(answer, A_ASSOCIATE) and answer.result == 0x00 and not assoc.accepted_contexts:
+                # Accepted, but with every presentation context refused (pynetdicom then aborts).
+                log.warning("sink %s: %s accepts none of the presentation contexts proposed", self.id, self.target)
+                outcomes = []
+                for (sop_class, syntax), group in pairs.items():
+                    refused = no_context_message(sop_class, proposed_syntaxes(syntax))
+                    outcomes += [DeliveryOutcome(i.delivery.delivery_id, "failed", refused, False) for i in group]
+                return outcomes
+            elif ae.peer_abort is not None:
+                code = ae.peer_abort.source
+                source = _ABORT_SOURCES.get(code, f"source {code}") if code is not None else "no source given"
+                message = f"the destination aborted the association request ({source})"
+            elif elapsed >= 0.9 * timeout:
+                message = f"no answer to the association request within {timeout:g} s"
+            elif assoc.is_aborted:
+                message = "the destination closed the connection during association negotiation"
+        log.warning("sink %s: %s: %s", self.id, self.target, message)
+        return [
+            DeliveryOutcome(item.delivery.delivery_id, "failed", f"{self.target}: {message}", retryable)
+            for group in pairs.values()
+            for item in group
+        ]
+
     def _store_all(self, assoc: Association, pairs: dict[tuple[str, str], list[_Item]]) -> list[DeliveryOutcome]:
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
         outcomes: list[DeliveryOutcome] = []
         message_id = 0
         for (sop_class, syntax), group in pairs.items():
+            proposed = proposed_syntaxes(syntax)
+            usable = accepted.get(sop_class, set())
+            agreed = next((candidate for candidate in proposed if candidate in usable), None)
             for item in group:
                 delivery_id = item.delivery.delivery_id
-                if (sop_class, syntax) not in accepted:
+                if agreed is None:
                     outcomes.append(
-                        DeliveryOutcome(
-                            delivery_id,
-                            "failed",
-                            f"{self.target} does not accept SOP class {sop_class} in transfer syntax {syntax}",
-                            False,
-                        )
+                        DeliveryOutcome(delivery_id, "failed", no_context_message(sop_class, proposed), False)
                     )
                     continue
                 if not assoc.is_established:
                     outcomes.append(DeliveryOutcome(delivery_id, "failed", f"{self.target}: association aborted"))
                     continue
+                dataset: Path | Dataset = item.path
+                if agreed != syntax:
+                    try:
+                        dataset = converted(item.path, agreed)
+                    except (ValueError, AttributeError, TypeError, OSError, InvalidDicomError) as exc:
+                        problem = f"cannot convert the stored result to {UID(agreed).name}: {exc}"
+                        outcomes.append(DeliveryOutcome(delivery_id, "failed", problem, False))
+                        continue
                 message_id = message_id % 0xFFFF + 1
                 try:
-                    response = assoc.send_c_store(item.path, msg_id=message_id)
+                    response = assoc.send_c_store(dataset, msg_id=message_id)
                 except (ValueError, AttributeError, OSError, InvalidDicomError) as exc:
                     outcomes.append(
                         DeliveryOutcome(delivery_id, "failed", f"cannot send the stored result: {exc}", False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pydicom
@@ -31,6 +31,8 @@ from peers import (
     wait_for,
 )
 from pydicom.data import get_testdata_file
+
+from mwm.storage.local import LocalOptions, LocalStorage
 
 
 @pytest.fixture
@@ -130,3 +132,12 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Encoded]:
         meta = pydicom.dcmread(path, stop_before_pixels=True)
         out[name] = Encoded(path, str(meta.file_meta.TransferSyntaxUID), str(meta.SOPInstanceUID), propose)
     return out
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[LocalStorage]:
+    """A local storage for results a sink sends (in its own folder of the test's)."""
+    store = LocalStorage(LocalOptions(), data_dir=tmp_path / "data")
+    await store.open()
+    yield store
+    await store.close()

@@ -20,21 +20,13 @@ from mwm.options import build
 from mwm.sinks import DeliveryOutcome
 from mwm.sinks.dicom import store_outcome
 from mwm.sinks.dicomweb import DicomWebOptions, DicomWebSink
-from mwm.storage.local import LocalOptions, LocalStorage
+from mwm.storage.local import LocalStorage
 
 COPY_APP = [
     sys.executable,
     "-c",
     "import shutil, sys; shutil.copytree(sys.argv[2], sys.argv[4], dirs_exist_ok=True)",
 ]
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[LocalStorage]:
-    store = LocalStorage(LocalOptions(), data_dir=tmp_path / "data")
-    await store.open()
-    yield store
-    await store.close()
 
 
 def states(outcomes: Sequence[DeliveryOutcome]) -> list[str]:
@@ -110,7 +102,9 @@ async def test_dicom_sink_to_a_closed_port_fails_quickly_and_retryably(tmp_path,
     assert "refused" in str(outcomes[0].error).lower()
 
 
-async def test_dicom_sink_rejected_association_fails_retryably(tmp_path, storage, make_service, small_study):
+async def test_dicom_sink_permanently_rejected_association_is_retried(tmp_path, storage, make_service, small_study):
+    """A-ASSOCIATE-RJ "rejected-permanent" most often means the destination does not know mwm yet:
+    retried, so that the results go through by themselves once it does; the message says why."""
     peer = await make_service(base_config(tmp_path / "peer", server={"dicom": "127.0.0.1:0"}))
     batch = await results(storage, small_study.paths[:1], extra_text=False)
     sink = await dicom_sink(storage, tmp_path, ae_title="UNKNOWN", host="127.0.0.1", port=peer.dicom_port)
@@ -119,7 +113,10 @@ async def test_dicom_sink_rejected_association_fails_retryably(tmp_path, storage
     finally:
         await sink.close()
     assert (outcome.state, outcome.retryable) == ("failed", True)
-    assert "called ae title not recognised" in str(outcome.error)
+    assert outcome.error == (
+        f"UNKNOWN@127.0.0.1:{peer.dicom_port}: association rejected (permanent, service user): "
+        "called ae title not recognised"
+    )
 
 
 @pytest.mark.parametrize(
