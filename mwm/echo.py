@@ -22,6 +22,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -162,7 +163,12 @@ def request_association(
         # A quick failure (refused, no route): one more attempt, bounded, tells which.
         raise AssociationFailed(_connection_error(target, min(timeout, 2.0)), unreachable=True)
     if assoc.is_aborted:
-        raise AssociationFailed("association aborted during negotiation (no common presentation context, or TLS?)")
+        answer = assoc.acceptor.primitive
+        if isinstance(answer, A_ASSOCIATE) and answer.result == 0x00 and not assoc.accepted_contexts:
+            raise AssociationFailed("the destination accepts none of the presentation contexts proposed")
+        if time.monotonic() - started >= 0.9 * timeout:
+            raise AssociationFailed(f"no answer to the association request within {timeout:g} s")
+        raise AssociationFailed("the destination aborted the association or closed the connection during negotiation")
     raise AssociationFailed(f"no answer to the association request within {timeout:g} s")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import pytest
@@ -31,6 +32,26 @@ async def test_echo_reports_a_rejection_with_its_reason(tmp_path, make_service):
     assert "association rejected (permanent, service user): called ae title not recognised" in output
     code, output = await mwm_echo(f"MWM@127.0.0.1:{service.dicom_port}", "--calling-aet", "ECHOER")
     assert code == 0, output
+
+
+async def test_echo_to_a_node_without_verification_says_so(tmp_path):
+    """A storage-only SCP (no Verification service): the association is accepted with no usable
+    presentation context; the message says so instead of guessing."""
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="STOREONLY")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        code, output = await mwm_echo(f"STOREONLY@127.0.0.1:{port}", "--timeout", "5")
+    finally:
+        await asyncio.to_thread(server.shutdown)
+    assert code == 1
+    assert "the destination accepts none of the presentation contexts proposed" in output
+    assert "TLS?" not in output
 
 
 async def test_echo_says_when_nothing_listens():
