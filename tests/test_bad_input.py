@@ -37,7 +37,9 @@ def rewrite(path: Path, **changes: object) -> bytes:
 
 
 def stored_files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".tmp" not in p.parts)
+    """Files in the storage, leaving out its own (hidden) ones: its temporary folder, the sweep's mark."""
+    relative = [p.relative_to(root) for p in root.rglob("*") if p.is_file()]
+    return sorted(str(r) for r in relative if not any(part.startswith(".") for part in r.parts))
 
 
 @pytest.fixture

@@ -357,7 +357,7 @@ async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
         {"ae_title": "MWM", "deny_sop_classes": [CT_IMAGE_STORAGE]},
         {"ae_title": "ONLYMR", "allow_sop_classes": ["1.2.840.10008.5.1.4.1.1.4"]},
     ]
-    service = await make_service(scp_config(tmp_path, dicom={"aes": aes}))
+    service = await make_service(scp_config(tmp_path, dicom={"aes": aes, "ae_titles": ["ONLYMR"]}))
     client = await client_for(service)
     for called in ("MWM", "ONLYMR"):
         statuses = await asyncio.to_thread(c_store, service.dicom_port, small_study.paths[:2], called=called)
