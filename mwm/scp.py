@@ -66,7 +66,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -468,6 +468,15 @@ class _StagedDataSet(io.BytesIO):
             self._file = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Tally:
+    """What one accepted association brought, for its closing log line."""
+
+    opened: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    refused: int = 0
 
 
 def _association_correlation_id(assoc: Association) -> str:
@@ -1086,7 +1095,7 @@ class DicomServer:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self._on_store_counted),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -1108,7 +1117,7 @@ class DicomServer:
                 f"server.dicom: cannot listen on {settings.server.dicom}: {exc.strerror or exc}"
             ) from None
         server.daemon_threads = True
-        cast(_Server, server).store_handler = self._on_store
+        cast(_Server, server).store_handler = self._on_store_counted
         ae._servers.append(server)
         self._server = server
         self.port = int(server.server_address[1])
@@ -1218,6 +1227,8 @@ class DicomServer:
         request = assoc.requestor.primitive
         if request is not None:
             assoc.acceptor.supported_contexts = contexts_for(request.presentation_context_definition_list)
+        assoc._mwm_tally = _Tally()  # type: ignore[attr-defined]
+        log.info("DICOM association from %s@%s to %s accepted", calling, address, called)
 
     def _on_rejected(self, event: evt.Event) -> None:
         """Log a rejection pynetdicom made itself (its own count of associations is taken a
@@ -1236,6 +1247,17 @@ class DicomServer:
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
+
+    def _on_store_counted(self, event: evt.Event) -> int | Dataset:
+        """``_on_store``, its outcome counted for the association's closing log line."""
+        answer = self._on_store(event)
+        tally: _Tally | None = getattr(event.assoc, "_mwm_tally", None)
+        if tally is not None:
+            if _status_of(answer) == STATUS_SUCCESS:
+                tally.stored += 1
+            else:
+                tally.refused += 1
+        return answer
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         data = cast(C_STORE, event.request).DataSet
@@ -1374,10 +1396,23 @@ class DicomServer:
 
     @staticmethod
     def _on_closed(event: evt.Event) -> None:
-        """Remove what had been received of a data set when the connection ends mid-way.
+        """Remove what had been received of a data set when the connection ends mid-way, and log
+        what the association brought.
 
         Runs on the DUL thread (the one writing that file), after the last byte it will read.
         """
+        tally: _Tally | None = getattr(event.assoc, "_mwm_tally", None)
+        if tally is not None:
+            assoc = event.assoc
+            log.info(
+                "DICOM association from %s@%s to %s closed after %.1f s: %d instance(s) stored, %d refused",
+                _calling_aet(assoc),
+                assoc.requestor.address,
+                _called_aet(assoc),
+                time.monotonic() - tally.opened,
+                tally.stored,
+                tally.refused,
+            )
         message = getattr(event.assoc.dimse, "message", None)
         data = getattr(message, "data_set", None)
         if isinstance(data, _StagedDataSet):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import socket
 import struct
 import time
@@ -373,6 +374,25 @@ async def test_denied_sop_class_gets_a_failure_status_and_is_not_stored(
     result = await storescu(service.dicom_port, small_study.paths[:1], "-v")
     assert result.returncode != 0
     assert "Refused: SOPClassNotSupported" in result.output, result.output
+
+
+async def test_each_association_is_logged_when_accepted_and_when_closed(tmp_path, make_service, small_study, caplog):
+    caplog.set_level(logging.INFO, logger="mwm.scp")
+    aes = [{"ae_title": "MWM", "deny_sop_classes": ["1.2.840.10008.5.1.4.1.1.4"]}]  # MR: none here
+    service = await make_service(scp_config(tmp_path, dicom={"aes": aes}))
+    result = await storescu(service.dicom_port, small_study.paths[:3], calling="CT1")
+    assert result.returncode == 0, result.output
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mwm.scp" and r.levelno == logging.INFO]
+
+    await eventually(lambda: asyncio.sleep(0, any("closed after" in line for line in lines())), what="the close")
+    accepted, closed = [line for line in lines() if line.startswith("DICOM association from CT1@")]
+    assert accepted == "DICOM association from CT1@127.0.0.1 to MWM accepted"
+    assert re.fullmatch(
+        r"DICOM association from CT1@127\.0\.0\.1 to MWM closed after \d+\.\d s: 3 instance\(s\) stored, 0 refused",
+        closed,
+    ), closed
 
 
 async def test_an_aes_entry_for_an_ae_title_served_nowhere_else_is_warned_of(tmp_path, make_service, caplog):
