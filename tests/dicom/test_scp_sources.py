@@ -23,7 +23,9 @@ def scp_config(tmp_path: Path, sources: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "mwm.scp" and r.levelno == level]
+    """mwm.scp's lines at ``level``, leaving out the accepted and closed lines of every association."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "mwm.scp" and r.levelno == level]
+    return [line for line in lines if not (line.endswith(" accepted") or " closed after " in line)]
 
 
 class FakeDns:
