@@ -746,9 +746,16 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from .echo import run_echo
+    from .echo import run_echo, tls_context
 
-    return run_echo(args.target, calling_aet=args.calling_aet, timeout=args.timeout, count=args.count)
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_no_verify:
+        try:
+            tls = tls_context(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, verify=not args.tls_no_verify)
+        except ValueError as exc:
+            print(f"mwm echo: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return run_echo(args.target, calling_aet=args.calling_aet, timeout=args.timeout, count=args.count, tls=tls)
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -894,6 +901,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="per association (default: %(default)s)"
     )
     p.add_argument("--count", type=_positive, default=1, metavar="N", help="echoes to send (default: %(default)s)")
+    p.add_argument("--tls", action="store_true", help="over TLS (implied by the options below)")
+    p.add_argument("--tls-ca", type=Path, metavar="FILE", help="verify the peer against this CA (default: system CAs)")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="our certificate, for a peer that asks for one")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="the key of --tls-cert")
+    p.add_argument("--tls-no-verify", action="store_true", help="do not verify the peer's certificate")
     p.set_defaults(func=cmd_echo)
 
     p = sub.add_parser("version", help="print the version")

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -189,8 +190,35 @@ def _status_text(status: Any) -> str:
     return "success" if code == 0 else f"failure (0x{code:04X})"
 
 
-def run_echo(target: str, *, calling_aet: str = "MWM-ECHO", timeout: float = 10.0, count: int = 1) -> int:
-    """C-ECHO ``target`` ``count`` times over one association; print the round trips.
+def tls_context(
+    *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None, verify: bool = True
+) -> ssl.SSLContext:
+    """A TLS client context: the peer verified against ``ca`` (default: the system's), our
+    certificate ``cert``/``key`` when the peer asks for one. Raises ``ValueError`` with a reason."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its key go together")
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS files: {exc}") from None
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def run_echo(
+    target: str,
+    *,
+    calling_aet: str = "MWM-ECHO",
+    timeout: float = 10.0,
+    count: int = 1,
+    tls: ssl.SSLContext | None = None,
+) -> int:
+    """C-ECHO ``target`` ``count`` times over one association (over ``tls`` when given); print
+    the round trips.
 
     Returns 0 when every C-ECHO succeeded, 1 when any failed or no association could be made,
     2 for a malformed target or argument.
@@ -212,12 +240,12 @@ def run_echo(target: str, *, calling_aet: str = "MWM-ECHO", timeout: float = 10.
     with _quiet_pynetdicom():
         started = time.perf_counter()
         try:
-            assoc = request_association(ae, remote, timeout=timeout)
+            assoc = request_association(ae, remote, timeout=timeout, tls=tls)
         except AssociationFailed as exc:
             print(f"{remote}: {exc.message}")
             return EXIT_FAILED
         setup = (time.perf_counter() - started) * 1000
-        print(f"{remote}: association accepted in {setup:.1f} ms")
+        print(f"{remote}: association accepted in {setup:.1f} ms" + (" (TLS)" if tls is not None else ""))
         times: list[float] = []
         failed = 0
         try:

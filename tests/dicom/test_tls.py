@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 import pytest
-from peers import dicom_sink, echoscu, results
+from peers import dicom_sink, echoscu, results, run
 from support import base_config
 
 from mwm.storage.local import LocalOptions, LocalStorage
@@ -95,3 +96,29 @@ async def test_a_client_that_never_completes_the_handshake_holds_up_no_one(tmp_p
     finally:
         silent.close()
         await storage.close()
+
+
+async def test_mwm_echo_over_tls(tmp_path, make_service):
+    """``mwm echo`` checks a TLS node the way the sink reaches it: the peer verified against a CA,
+    with a client certificate when the node asks for one."""
+    server_cert, server_key = make_certificate(tmp_path, "server")
+    client_cert, client_key = make_certificate(tmp_path, "client")
+    peer = await make_service(
+        base_config(
+            tmp_path / "peer",
+            server={"dicom": "127.0.0.1:0"},
+            dicom={"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_ca": str(client_cert)},
+        )
+    )
+    target = f"MWM@127.0.0.1:{peer.dicom_port}"
+    echo = [sys.executable, "-m", "mwm", "echo", target, "--timeout", "5"]
+    trusted = ["--tls-ca", str(server_cert), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+    result = await run(*echo, *trusted)
+    assert result.returncode == 0, result.output
+    assert "association accepted in" in result.output and "(TLS)" in result.output
+    without_certificate = await run(*echo, "--tls-ca", str(server_cert))
+    assert without_certificate.returncode == 1  # the node asks for a client certificate
+    untrusted = await run(*echo, "--tls", "--tls-cert", str(client_cert), "--tls-key", str(client_key))
+    assert untrusted.returncode == 1  # the node's certificate is not signed by a CA the system knows
+    half = await run(*echo, "--tls-cert", str(client_cert))
+    assert half.returncode == 2 and "a client certificate and its key go together" in half.output
