@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -35,7 +36,9 @@ def make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-async def test_dicom_sink_delivers_over_tls_with_client_certificates(tmp_path, make_service, client_for, small_study):
+async def mutual_tls_peer(tmp_path: Path, make_service: Any) -> tuple[Any, Path, Path, Path]:
+    """An mwm whose SCP speaks TLS only and asks for a client certificate (``client.pem``): the
+    service, its certificate, and the client's certificate and key."""
     server_cert, server_key = make_certificate(tmp_path, "server")
     client_cert, client_key = make_certificate(tmp_path, "client")
     peer = await make_service(
@@ -45,6 +48,11 @@ async def test_dicom_sink_delivers_over_tls_with_client_certificates(tmp_path, m
             dicom={"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_ca": str(client_cert)},
         )
     )
+    return peer, server_cert, client_cert, client_key
+
+
+async def test_dicom_sink_delivers_over_tls_with_client_certificates(tmp_path, make_service, client_for, small_study):
+    peer, server_cert, client_cert, client_key = await mutual_tls_peer(tmp_path, make_service)
     client = await client_for(peer)
     assert (await echoscu(peer.dicom_port)).returncode != 0  # plain TCP is refused
 
@@ -101,15 +109,7 @@ async def test_a_client_that_never_completes_the_handshake_holds_up_no_one(tmp_p
 async def test_mwm_echo_over_tls(tmp_path, make_service):
     """``mwm echo`` checks a TLS node the way the sink reaches it: the peer verified against a CA,
     with a client certificate when the node asks for one."""
-    server_cert, server_key = make_certificate(tmp_path, "server")
-    client_cert, client_key = make_certificate(tmp_path, "client")
-    peer = await make_service(
-        base_config(
-            tmp_path / "peer",
-            server={"dicom": "127.0.0.1:0"},
-            dicom={"tls_cert": str(server_cert), "tls_key": str(server_key), "tls_ca": str(client_cert)},
-        )
-    )
+    peer, server_cert, client_cert, client_key = await mutual_tls_peer(tmp_path, make_service)
     target = f"MWM@127.0.0.1:{peer.dicom_port}"
     echo = [sys.executable, "-m", "mwm", "echo", target, "--timeout", "5"]
     trusted = ["--tls-ca", str(server_cert), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
