@@ -210,6 +210,10 @@ class AppSpec:
     max_parallel: int = field(default=1, metadata={"check": positive})
     max_attempts: int | None = field(default=None, metadata={"check": positive})
     reprocess: bool = False
+    #: What a bucket that closes after an earlier job of its group (the same study, series or
+    #: patient) hands to its job: only the instances that arrived since ("alone"), or every
+    #: instance of the group received so far ("whole"), so the application sees the whole study.
+    late_arrivals: Literal["alone", "whole"] = "alone"
     sinks: tuple[str, ...] = field(default=(), metadata={"check": _check_ids})
     engine_options: Mapping[str, Any] = field(default_factory=_empty)
 

@@ -223,6 +223,16 @@ class RecordOutcome:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """What closing a bucket needs to know of its application."""
+
+    engine: str
+    max_attempts: int
+    #: Hand the job every instance of the bucket's group received so far (``late_arrivals = "whole"``).
+    whole_group: bool = False
+
+
+@dataclass(frozen=True)
 class NewResult:
     path: str
     storage_key: str
@@ -645,7 +655,7 @@ class Database:
         conn: sqlite3.Connection,
         bucket_id: int,
         reason: str,
-        job_settings: Callable[[str], tuple[str, int]],
+        job_settings: Callable[[str], JobSettings],
         now: float,
         due_only: bool,
     ) -> tuple[int | None, float | None]:
@@ -659,7 +669,21 @@ class Database:
             "UPDATE buckets SET state = 'closed', closed_at = ?, close_reason = ? WHERE id = ?",
             (now, reason, bucket_id),
         )
-        engine, max_attempts = job_settings(bucket["app_id"])
+        settings = job_settings(bucket["app_id"])
+        if settings.whole_group:
+            # Late arrivals join what the group's earlier buckets held: the job gets the whole group.
+            conn.execute(
+                "INSERT OR IGNORE INTO bucket_instances (bucket_id, instance_id)"
+                " SELECT ?, bi.instance_id FROM bucket_instances bi JOIN buckets b ON b.id = bi.bucket_id"
+                " WHERE b.app_id = ? AND b.group_uid = ? AND b.id < ?",
+                (bucket_id, bucket["app_id"], bucket["group_uid"], bucket_id),
+            )
+            conn.execute(
+                "UPDATE buckets SET instance_count = (SELECT COUNT(*) FROM bucket_instances WHERE bucket_id = ?)"
+                " WHERE id = ?",
+                (bucket_id, bucket_id),
+            )
+            bucket = conn.execute("SELECT * FROM buckets WHERE id = ?", (bucket_id,)).fetchone()
         cur = conn.execute(
             "INSERT INTO jobs (bucket_id, app_id, engine, state, max_attempts, correlation_id,"
             " study_instance_uid, patient_id, instance_count, not_before, created_at, updated_at)"
@@ -667,8 +691,8 @@ class Database:
             (
                 bucket_id,
                 bucket["app_id"],
-                engine,
-                max_attempts,
+                settings.engine,
+                settings.max_attempts,
                 bucket["correlation_id"],
                 bucket["study_instance_uid"],
                 bucket["patient_id"],
@@ -693,7 +717,7 @@ class Database:
         return job_id, None
 
     async def close_bucket(
-        self, bucket_id: int, reason: str, *, job_settings: Callable[[str], tuple[str, int]], now: float
+        self, bucket_id: int, reason: str, *, job_settings: Callable[[str], JobSettings], now: float
     ) -> dict[str, Any] | None:
         """Close an open bucket and schedule its job; the job's row, or ``None`` when it was not open."""
 
@@ -706,7 +730,7 @@ class Database:
         return await self._write(tx)
 
     async def close_due_buckets(
-        self, bucket_ids: Sequence[int], *, job_settings: Callable[[str], tuple[str, int]], now: float
+        self, bucket_ids: Sequence[int], *, job_settings: Callable[[str], JobSettings], now: float
     ) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
         """Close every bucket whose deadline has passed, in one transaction.
 

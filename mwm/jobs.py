@@ -21,7 +21,7 @@ from . import faults
 from . import results as results_module
 from .apps import AppRegistry
 from .config import Settings
-from .db import ACTIVE_JOB_STATES, Database
+from .db import ACTIVE_JOB_STATES, Database, JobSettings
 from .engines import EngineRegistry, EngineStatus, InputInstance, JobContext
 from .errors import Conflict, EngineError, MwmError, NotFound
 from .metrics import Metrics
@@ -127,9 +127,13 @@ class JobService:
         assert self._tg is not None
         self._tg.create_task(self._close_due(bucket_ids))
 
-    def _job_settings(self, app_id: str) -> tuple[str, int]:
-        engine = self.apps.get(app_id).engine if app_id in self.apps else "local"
-        return engine, self._max_attempts(app_id)
+    def _job_settings(self, app_id: str) -> JobSettings:
+        app = self.apps.get(app_id) if app_id in self.apps else None
+        return JobSettings(
+            engine=app.engine if app is not None else "local",
+            max_attempts=self._max_attempts(app_id),
+            whole_group=app is not None and app.late_arrivals == "whole",
+        )
 
     async def _close_due(self, bucket_ids: list[int]) -> None:
         """Close the buckets whose deadline passed (one transaction for all that are due at once)."""

@@ -182,6 +182,34 @@ async def test_discovery_rules_and_explicit_apps(tmp_path, make_service, client_
     assert {b["app_id"] for i in answer["instances"] for b in i["buckets"]} == {"mr-only"}
 
 
+async def test_late_arrivals_join_the_whole_study_when_the_application_asks(
+    tmp_path, make_service, client_for, small_study
+):
+    """Half a study, its job, then the other half: an application with late_arrivals = "whole"
+    gets the whole study in its second job; one with the default gets only the late half."""
+    count_inputs = (
+        "import json, os\n"
+        "n = len(os.listdir(os.environ['HOLOSCAN_INPUT_PATH']))\n"
+        "json.dump({'inputs': n}, open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/metadata.json', 'w'))\n"
+    )
+    apps = [
+        python_app("whole", count_inputs, timeout="200ms", late_arrivals="whole"),
+        python_app("alone", count_inputs, timeout="200ms"),
+    ]
+    service = await make_service(base_config(tmp_path, apps=apps))
+    client = await client_for(service)
+    half = len(small_study.paths) // 2
+    await upload_files(client, small_study.paths[:half])
+    await wait_jobs(client, 2)
+    await upload_files(client, small_study.paths[half:])
+    jobs = await wait_jobs(client, 4)
+    late = {j["app_id"]: j for j in jobs[2:]}
+    assert (late["whole"]["instance_count"], late["whole"]["result_data"]) == (12, {"inputs": 12})
+    assert (late["alone"]["instance_count"], late["alone"]["result_data"]) == (6, {"inputs": 6})
+    listed = {a["id"]: a["late_arrivals"] for a in (await client.get("/v1/apps"))["apps"]}
+    assert listed == {"whole": "whole", "alone": "alone"}
+
+
 async def test_a_crashing_application_is_failed_with_its_exception_first(
     tmp_path, make_service, client_for, small_study
 ):
