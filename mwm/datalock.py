@@ -28,29 +28,37 @@ class DataFolderInUse(MwmError):
 class FolderLock:
     """Exclusive locks on lock files, taken together and released together."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
+    def __init__(self, locks: list[tuple[Path, str]]) -> None:
+        """``locks``: each lock file, and what it keeps for one mwm ("the data folder X")."""
+        self.locks = locks
         self._fds: list[int] = []
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for path, _ in self.locks]
 
     @classmethod
     def for_data(cls, data_dir: Path, database_path: Path) -> FolderLock:
-        """The data folder's lock, and the database's own when it lives outside that folder."""
-        paths = [data_dir / LOCK_NAME]
-        if not database_path.absolute().is_relative_to(data_dir.absolute()):
-            paths.append(database_path.with_name(database_path.name + ".lock"))
-        return cls(paths)
+        """The data folder's lock and the database's: another server given either (its data
+        folder elsewhere but this database, say) is refused."""
+        return cls(
+            [
+                (data_dir / LOCK_NAME, f"the data folder {data_dir}"),
+                (database_path.with_name(database_path.name + ".lock"), f"the database {database_path}"),
+            ]
+        )
 
     def acquire(self) -> None:
         """Take every lock, or none: raise ``DataFolderInUse`` naming the holder's process."""
         try:
-            for path in self.paths:
-                self._fds.append(self._take(path))
+            for path, what in self.locks:
+                self._fds.append(self._take(path, what))
         except BaseException:
             self.release()
             raise
 
     @staticmethod
-    def _take(path: Path) -> int:
+    def _take(path: Path, what: str) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -59,7 +67,7 @@ class FolderLock:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             raise DataFolderInUse(
-                f"{path.parent} is in use by another mwm" + (f" (process {holder})" if holder.isdigit() else ""),
+                f"{what} is in use by another mwm" + (f" (process {holder})" if holder.isdigit() else ""),
                 f"only one mwm may use a data folder and its database; {path} is locked",
             ) from None
         except OSError:

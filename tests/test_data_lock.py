@@ -30,8 +30,8 @@ async def test_a_second_server_on_the_same_folder_refuses_and_leaves_the_first_r
     second = Service(settings_from_mapping(config))
     with pytest.raises(DataFolderInUse) as refused:
         await second.start()
-    assert f"in use by another mwm (process {os.getpid()})" in refused.value.message
-    assert str(tmp_path / "data") in refused.value.message
+    data = tmp_path / "data"
+    assert refused.value.message == f"the data folder {data} is in use by another mwm (process {os.getpid()})"
 
     await asyncio.sleep(0.5)  # a second server that got in would have stopped the job as an orphan
     assert (await client.get(f"/v1/jobs/{job['id']}"))["state"] == "running"
@@ -51,8 +51,19 @@ async def test_a_database_outside_the_data_folder_is_locked_too(tmp_path, make_s
     database = {"path": str(tmp_path / "shared" / "mwm.db")}
     await make_service(base_config(tmp_path / "one", database=database))
     other = Service(settings_from_mapping(base_config(tmp_path / "two", database=database)))
-    with pytest.raises(DataFolderInUse, match="in use by another mwm"):
+    with pytest.raises(DataFolderInUse, match=f"the database {tmp_path / 'shared' / 'mwm.db'} is in use by another"):
         await other.start()
+
+
+async def test_another_folder_given_this_servers_database_is_refused(tmp_path, make_service) -> None:
+    """The first server keeps its database in its data folder (the default); a second one with
+    its own data folder but pointed at that database is refused, naming the database."""
+    await make_service(base_config(tmp_path))
+    database = tmp_path / "data" / "mwm.db"
+    other = Service(settings_from_mapping(base_config(tmp_path / "other", database={"path": str(database)})))
+    with pytest.raises(DataFolderInUse) as refused:
+        await other.start()
+    assert refused.value.message == f"the database {database} is in use by another mwm (process {os.getpid()})"
 
 
 async def test_a_killed_server_leaves_no_lock_behind_and_the_cli_names_the_holder(tmp_path) -> None:
