@@ -361,7 +361,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 return EXIT_OK
             _table(
                 "jobs",
-                ["id", "app", "state", "attempt", "instances", "results", "created", "run", "error"],
+                ["id", "app", "state", "attempt", "inst", "res", "created", "run", "error"],
                 [
                     (
                         j["id"],
@@ -372,7 +372,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                         j["result_count"],
                         _age(j["created_at"]),
                         _duration(j["run_seconds"]),
-                        (j["error"] or "").splitlines()[0][:60] if j["error"] else None,
+                        j["error"].splitlines()[0] if j["error"] else None,  # what happened; the log has the rest
                     )
                     for j in data["jobs"]
                 ],
@@ -716,6 +716,10 @@ def cmd_results(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.action == "ack":
             data = await client.post(f"/v1/results/{args.id}/ack", {"sink": args.sink} if args.sink else None)
+            if not data["acknowledged"]:
+                where = f"pull sink {args.sink!r}" if args.sink else "any pull sink"
+                print(f"mwm results ack: result {args.id} is not waiting on {where}", file=sys.stderr)
+                return EXIT_FAILED
             print(f"result {args.id}: acknowledged on {data['acknowledged']} pull sink(s)")
             return EXIT_OK
         if args.sink:

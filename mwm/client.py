@@ -90,6 +90,17 @@ def _os_reason(error: OSError) -> str:
     return str(error) or type(error).__name__
 
 
+def check_token(token: str | None) -> str | None:
+    """The token as given, without surrounding white space (a file's line end); a token with
+    other control characters cannot go in a header: a :class:`ClientError` that never shows it."""
+    if token is None:
+        return None
+    token = token.strip()
+    if any(not c.isprintable() or c.isspace() for c in token):
+        raise ClientError("the token contains spaces or control characters (--token, MWM_TOKEN)")
+    return token or None
+
+
 class Client:
     """``async with Client(url, token) as c: await c.get("/v1/jobs")``.
 
@@ -101,7 +112,7 @@ class Client:
         self, url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = 30.0, cafile: str | None = None
     ) -> None:
         self.url = normalise_url(url)
-        self.token = token
+        self.token = check_token(token)
         self.cafile = cafile
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout * 10)
         self._session: aiohttp.ClientSession | None = None
@@ -110,7 +121,13 @@ class Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         connector = None
         if self.cafile:
-            connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=self.cafile))
+            try:
+                context = ssl.create_default_context(cafile=self.cafile)
+            except (OSError, ssl.SSLError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                where = f"the CA certificate {self.cafile} (--cacert, MWM_CACERT)"
+                raise ClientError(f"cannot use {where}: {reason}") from None
+            connector = aiohttp.TCPConnector(ssl=context)
         self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout, connector=connector)
         return self
 
@@ -209,7 +226,11 @@ class Client:
                 partial = target.with_name(f".{target.name}.part")
                 size = 0
                 try:
-                    with open(partial, "wb") as out:
+                    try:
+                        out = open(partial, "wb")  # noqa: SIM115 - closed by the with below
+                    except OSError as exc:
+                        raise ClientError(f"cannot write {target}: {exc.strerror or exc}") from None
+                    with out:
                         async for chunk in response.content.iter_chunked(1 << 20):
                             out.write(chunk)
                             size += len(chunk)

@@ -233,8 +233,8 @@ async def send(
                 else:
                     for path, outcome in zip(paths, outcomes, strict=True):
                         record(path, outcome.get("status", "failed"), outcome.get("reason"))
-                        if outcome.get("status") == "stored":
-                            route(outcome.get("buckets") or [])
+                        if outcome.get("status") == "stored" or outcome.get("buckets"):
+                            route(outcome.get("buckets") or [])  # a duplicate may go to reprocess
             summary.sent += len(parts)
             summary.sent_bytes += size
         if on_progress is not None:

@@ -252,7 +252,11 @@ class Service:
             stack.callback(self._stop_accepting)
             host, port = split_address(settings.server.http)
             site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self._tls_context())
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:  # in use, or an address this machine does not have
+                reason = exc.strerror or str(exc)
+                raise ConfigError(f"server.http: cannot listen on {settings.server.http}: {reason}") from None
             self.http_port = self._bound_port(runner, port)
             if settings.server.dicom:
                 from .scp import DicomServer  # pynetdicom is loaded only when the SCP is enabled

@@ -159,9 +159,14 @@ async def test_results_of_a_pull_sink_are_listed_downloaded_and_acknowledged(tmp
     code, _, err = await run("results", "get", str(result["id"]), "-o", str(tmp_path / "copy.txt"), env=env)
     assert code == 0 and (tmp_path / "copy.txt").read_text() == "body: 42 cm"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    nowhere = tmp_path / "nowhere" / "report.txt"
+    code, _, err = await run("results", "get", str(result["id"]), "-o", str(nowhere), env=env)
+    assert code == 1 and err == f"mwm: cannot write {nowhere}: No such file or directory\n"
 
     code, out, _ = await run("results", "ack", str(result["id"]), env=env)
     assert code == 0 and "acknowledged on 1 pull sink(s)" in out
+    code, _, err = await run("results", "ack", str(result["id"]), env=env)
+    assert code == 1 and f"result {result['id']} is not waiting on any pull sink" in err
     code, out, _ = await run("results", "--sink", "gateway", "--json", env=env)
     assert json.loads(out)["results"] == []
     code, _, err = await run("results", "get", env=env)
@@ -266,6 +271,19 @@ async def test_serve_refuses_a_bad_configuration(tmp_path, config, message) -> N
     assert code == 2, err
     assert err.startswith("mwm: configuration error: ") and message in err, err
     assert "Traceback" not in err
+
+
+async def test_an_http_port_in_use_is_a_configuration_error(tmp_path) -> None:
+    path = tmp_path / "mwm.toml"
+    path.write_text(f"[server]\ndata_dir = '{tmp_path / 'data'}'\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, _, err = await run("serve", "--config", str(path), env={"MWM_SERVER_HTTP": address}, cwd=tmp_path)
+    assert code == 2, err
+    assert err.startswith(f"mwm: configuration error: server.http: cannot listen on {address}: ")
+    assert "(set by MWM_SERVER_HTTP)" in err and "Traceback" not in err
 
 
 async def test_a_bad_value_from_the_environment_is_named_even_when_found_at_start(tmp_path) -> None:

@@ -165,6 +165,21 @@ def test_a_narrow_terminal_cuts_the_widest_columns_first() -> None:
     assert len(lines[4].split()[3]) > len(second[3]) and lines[4].endswith("…")
 
 
+def test_the_jobs_table_fits_an_80_column_terminal() -> None:
+    """The widest listing, with a long error and a long application id, on an 80-column terminal."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=80, color_system=None)
+    columns = ["id", "app", "state", "attempt", "inst", "res", "created", "run", "error"]
+    error = "exited with code 3: ValueError: this is a very long explanation of what went wrong"
+    rows = [(12, "segmentation-of-the-whole-body", "failed", "3/3", 120, 0, "3h00m", "0.4s", error)]
+    cli._table("jobs", columns, rows, console=console, cut_first=["error"])
+    lines = screen.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    number, app, state = lines[-1].split()[:3]
+    assert (number, state) == ("12", "failed") and app.startswith("segmentatio") and app.endswith("…")
+    assert lines[-1].endswith("…") and "exited with" in lines[-1]
+
+
 def test_piped_tables_are_never_cut(capfd) -> None:
     uid = "1.2.826.0.1.3680043.8.498.35817825522793880380727188626888318867"
     error = "x" * 300
@@ -285,6 +300,25 @@ async def test_a_missing_token_says_how_to_give_one(tmp_path, make_service) -> N
     assert err == "mwm: a bearer token is required (use --token or MWM_TOKEN)\n"
     code, _, err = await run("jobs", "--url", url_of(service), env={"MWM_TOKEN": ADMIN})
     assert code == 0, err
+
+
+async def test_a_token_read_from_a_file_with_its_line_end_works(tmp_path, make_service) -> None:
+    service = await make_service(base_config(tmp_path, server={"tokens": [{"token": ADMIN, "role": "admin"}]}))
+    code, _, err = await run("jobs", "--url", url_of(service), env={"MWM_TOKEN": ADMIN + "\r\n"})
+    assert code == 0, err
+    code, out, err = await run("jobs", "--url", url_of(service), env={"MWM_TOKEN": ADMIN[:8] + "\x07" + ADMIN[8:]})
+    assert code == 1 and err == "mwm: the token contains spaces or control characters (--token, MWM_TOKEN)\n"
+    assert ADMIN[8:] not in out + err
+
+
+async def test_a_ca_certificate_that_cannot_be_used_is_one_line(tmp_path) -> None:
+    empty = tmp_path / "empty.pem"
+    empty.write_text("no certificate here\n")
+    for cafile, reason in ((tmp_path / "missing.pem", "No such file or directory"), (empty, "")):
+        code, _, err = await run("sinks", "--url", f"127.0.0.1:{free_port()}", "--cacert", str(cafile))
+        assert code == 1, err
+        assert err.startswith(f"mwm: cannot use the CA certificate {cafile} (--cacert, MWM_CACERT): ")
+        assert reason in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
