@@ -701,6 +701,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def action(client: Client) -> int:
+        if args.action == "get" and args.output == Path("-"):  # to standard output, for a pipe
+            data = await client.request("GET", f"/v1/results/{args.id}", expect_json=False)
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return EXIT_OK
         if args.action == "get":
 
             def target(suggested: str | None) -> Path:
@@ -887,7 +892,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=_positive, default=100, metavar="N", help="list: at most N (default: %(default)s)")
     p.add_argument(
-        "-o", "--output", type=Path, metavar="PATH", help="get: the file (or folder) to write (default: its own name)"
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="get: the file or folder to write, - for standard output (default: its name)",
     )
     p.add_argument("--force", action="store_true", help="get: overwrite an existing file")
     _client_options(p)
@@ -931,7 +940,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("jobs", "retry"),
     }
     if (args.command, getattr(args, "action", None)) in needs_id and args.id is None:
-        print(f"mwm {args.command} {args.action}: an id is required", file=sys.stderr)
+        what = "a JSON or TOML file is required" if args.action in ("add", "update") else "an id is required"
+        print(f"mwm {args.command} {args.action}: {what}", file=sys.stderr)
         return EXIT_USAGE
     if getattr(args, "url", None) is not None:
         try:

@@ -26,7 +26,7 @@ from .db import Database
 from .delivery import DeliveryService, create_sinks
 from .engines import EngineRegistry
 from .engines.local import log_tail
-from .errors import ConfigError, MwmError, ShuttingDown, StorageError, StorageFull
+from .errors import ConfigError, MwmError, ShuttingDown, StorageFull
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
 from .metrics import Metrics
@@ -178,7 +178,8 @@ class Service:
             try:
                 await asyncio.to_thread(lock.acquire)
             except OSError as exc:
-                raise StorageError(f"cannot lock the data folder {settings.data_dir}", str(exc)) from exc
+                reason = exc.strerror or str(exc)
+                raise ConfigError(f"server.data_dir: cannot use {settings.data_dir}: {reason}") from exc
             stack.callback(lock.release)
 
             self.db = Database(

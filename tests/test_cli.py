@@ -159,6 +159,8 @@ async def test_results_of_a_pull_sink_are_listed_downloaded_and_acknowledged(tmp
     code, _, err = await run("results", "get", str(result["id"]), "-o", str(tmp_path / "copy.txt"), env=env)
     assert code == 0 and (tmp_path / "copy.txt").read_text() == "body: 42 cm"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    code, out, _ = await run("results", "get", str(result["id"]), "-o", "-", env=env)
+    assert code == 0 and out == "body: 42 cm"
     nowhere = tmp_path / "nowhere" / "report.txt"
     code, _, err = await run("results", "get", str(result["id"]), "-o", str(nowhere), env=env)
     assert code == 1 and err == f"mwm: cannot write {nowhere}: No such file or directory\n"
@@ -271,6 +273,17 @@ async def test_serve_refuses_a_bad_configuration(tmp_path, config, message) -> N
     assert code == 2, err
     assert err.startswith("mwm: configuration error: ") and message in err, err
     assert "Traceback" not in err
+
+
+async def test_a_data_folder_that_is_a_file_is_a_configuration_error(tmp_path) -> None:
+    path = tmp_path / "mwm.toml"
+    path.write_text("[server]\nhttp = '127.0.0.1:0'\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = await run("serve", "--config", str(path), env={"MWM_SERVER_DATA_DIR": str(blocker)}, cwd=tmp_path)
+    assert code == 2, err
+    assert err.startswith(f"mwm: configuration error: server.data_dir: cannot use {blocker}: ")
+    assert "(set by MWM_SERVER_DATA_DIR)" in err
 
 
 async def test_an_http_port_in_use_is_a_configuration_error(tmp_path) -> None:
