@@ -20,7 +20,7 @@ SKIPPED_DICOMDIR = "a DICOMDIR, the index of a DICOM folder (not an instance)"
 SKIPPED_NOT_PART10 = "not a DICOM Part-10 file: no DICM prefix"
 
 #: Answers that every other request would get too: sending the rest would only repeat them.
-FATAL_STATUSES = frozenset({401, 403, 404})
+FATAL_STATUSES = frozenset({401, 403, 404, 507})
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,11 @@ async def send(
         size = sum(len(p) for p in parts)
         if parts:
             try:
-                _status, answer = await client.upload(parts, params=params, headers=headers)
+                status, answer = await client.upload(parts, params=params, headers=headers)
+                if status == 507 and not answer.get("stored") and not answer.get("duplicate"):
+                    # Out of space: mwm refuses every instance until it has room again.
+                    message = answer.get("message") or "mwm's storage is full"
+                    raise ClientError(message, answer.get("detail"), status=status)
             except ClientError as exc:
                 if is_fatal(exc):
                     if summary.error is None:

@@ -99,6 +99,18 @@ async def test_unreachable_mwm_stops_with_one_message(tmp_path, small_study) -> 
     assert "sent" not in out and "failed" not in out
 
 
+async def test_a_full_mwm_stops_the_send_with_one_message(tmp_path, small_study, make_service) -> None:
+    service = await make_service(base_config(tmp_path))
+    service.ingestor.pressure = "data folder 99.9% full (limit 95%)"
+    folder = tmp_path / "study"
+    copy_study(small_study, folder)
+    code, out, err = await run("send", str(folder), "--url", url_of(service), "--batch", "1", "--concurrency", "1")
+    assert code == 1
+    assert err.startswith("mwm send: disk pressure: new instances are refused"), err
+    assert "99.9% full" in err and len(err.splitlines()) == 1
+    assert "sent" not in out
+
+
 async def test_unreachable_mwm_with_json_reports_the_error(tmp_path, small_study) -> None:
     folder = tmp_path / "study"
     copy_study(small_study, folder)
