@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .client import DEFAULT_URL, Client, ClientError, normalise_url
+from .db import DELIVERY_STATES, JOB_STATES
 from .errors import ConfigError, MwmError
 
 if TYPE_CHECKING:
@@ -848,10 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list, show, cancel or retry jobs")
     p.add_argument("action", nargs="?", choices=("list", "show", "log", "cancel", "retry"), help="list (default)")
     p.add_argument("id", nargs="?", type=int, help="the job's id")
-    p.add_argument(
-        "--state",
-        help="list: only jobs in this state (scheduled, launching, running, collecting, succeeded, failed, cancelled)",
-    )
+    p.add_argument("--state", choices=JOB_STATES, help="list: only jobs in this state")
     p.add_argument("--app", metavar="ID", help="list: only this application's jobs")
     p.add_argument("--limit", type=_positive, default=50, metavar="N", help="list: at most N (default: %(default)s)")
     _client_options(p)
@@ -877,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deliveries", help="list deliveries or retry a failed one")
     p.add_argument("action", nargs="?", choices=("list", "retry"), help="list (default)")
     p.add_argument("ids", nargs="*", type=int, metavar="ID", help="retry: the deliveries' ids (one or more)")
-    p.add_argument("--state", help="list: only deliveries in this state (pending, delivered, failed, skipped)")
+    p.add_argument("--state", choices=DELIVERY_STATES, help="list: only deliveries in this state")
     p.add_argument("--sink", metavar="ID", help="list: only this sink's deliveries")
     p.add_argument("--limit", type=_positive, default=50, metavar="N", help="list: at most N (default: %(default)s)")
     _client_options(p)

@@ -222,6 +222,10 @@ class RecordOutcome:
     kept_sha256: str | None = None
 
 
+#: Why a pending delivery waits when its sink is no longer configured.
+ORPHANED_NOTE = "waiting until it is again"
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """What closing a bucket needs to know of its application."""
@@ -1099,6 +1103,30 @@ class Database:
 
     async def get_delivery(self, delivery_id: int) -> dict[str, Any] | None:
         return await self.fetch_one("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+
+    async def note_orphaned_deliveries(self, configured: Sequence[str]) -> dict[str, int]:
+        """Pending deliveries to sinks no longer configured: they wait (delivered if the sink comes
+        back), and their last error says why. How many per such sink."""
+
+        def tx(conn: sqlite3.Connection) -> dict[str, int]:
+            marks = ",".join("?" * len(configured))
+            where = f"state = 'pending' AND sink_id NOT IN ({marks})" if configured else "state = 'pending'"
+            query = f"SELECT sink_id, COUNT(*) FROM deliveries WHERE {where} GROUP BY sink_id"
+            counts = {str(r[0]): int(r[1]) for r in conn.execute(query, configured)}
+            for sink_id in counts:
+                conn.execute(
+                    "UPDATE deliveries SET last_error = ? WHERE state = 'pending' AND sink_id = ?",
+                    (f"sink {sink_id!r} is not configured: {ORPHANED_NOTE}", sink_id),
+                )
+            for sink_id in configured:  # back again: the note no longer holds
+                conn.execute(
+                    "UPDATE deliveries SET last_error = NULL"
+                    " WHERE state = 'pending' AND sink_id = ? AND last_error = ?",
+                    (sink_id, f"sink {sink_id!r} is not configured: {ORPHANED_NOTE}"),
+                )
+            return counts
+
+        return await self._write(tx)
 
     async def count_deliveries(self) -> dict[str, dict[str, int]]:
         rows = await self.fetch_all("SELECT sink_id, state, COUNT(*) AS n FROM deliveries GROUP BY sink_id, state")

@@ -143,6 +143,13 @@ class DeliveryService:
     async def open(self) -> None:
         for sink in self.sinks.values():
             await sink.open()
+        orphaned = await self.db.note_orphaned_deliveries(sorted(self.sinks))
+        for sink_id, count in sorted(orphaned.items()):
+            log.warning(
+                "%d pending deliveries to sink %r, which is no longer configured: they wait until it is again",
+                count,
+                sink_id,
+            )
 
     async def close(self) -> None:
         for sink in self.sinks.values():

@@ -25,7 +25,7 @@ from .datalock import FolderLock
 from .db import Database
 from .delivery import DeliveryService, create_sinks
 from .engines import EngineRegistry
-from .engines.local import log_tail
+from .engines.local import log_tail, missing_program
 from .errors import ConfigError, MwmError, ShuttingDown, StorageFull
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
@@ -153,6 +153,16 @@ class Service:
             self._failure = exc
             self._stop.set()
 
+    def _warn_of_missing_programs(self) -> None:
+        """An application of the local engine whose program is not there yet is not refused (it
+        may be installed later), but said at once rather than at its first job."""
+        for app in self.apps.all():
+            if app.engine != "local":
+                continue
+            problem = missing_program(self.apps.engine_options(app.id), Path.cwd())
+            if problem is not None:
+                log.warning("application %r: %s; its jobs will fail until it is there", app.id, problem)
+
     def _check_listen_policy(self, tokens: Mapping[str, str]) -> None:
         host, _ = split_address(self.settings.server.http)
         if not is_loopback(host) and not tokens:
@@ -197,6 +207,7 @@ class Service:
             sinks = create_sinks(settings, self.storage, self.base_dir)
             self.apps = AppRegistry(self.db, settings, build_engine_options)
             await self.apps.load()
+            self._warn_of_missing_programs()
 
             self.delivery = DeliveryService(settings=settings, db=self.db, sinks=sinks, metrics=self.metrics)
             await self.delivery.open()

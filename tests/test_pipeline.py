@@ -210,6 +210,54 @@ async def test_late_arrivals_join_the_whole_study_when_the_application_asks(
     assert listed == {"whole": "whole", "alone": "alone"}
 
 
+async def test_deliveries_to_a_sink_taken_out_of_the_configuration_wait_and_say_why(
+    tmp_path, make_service, client_for, small_study, caplog
+):
+    script = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
+    with_sink = base_config(
+        tmp_path,
+        apps=[python_app("ct", script, timeout="100ms", sinks=["gateway"])],
+        sinks=[{"id": "gateway", "kind": "pull"}],
+    )
+    service = await make_service(with_sink)
+    client = await client_for(service)
+    await upload_files(client, small_study.paths[:2])
+    await wait_jobs(client, 1)
+    await service.stop()
+
+    without = base_config(tmp_path, apps=[python_app("ct", script, timeout="100ms")])
+    service = await make_service(without)
+    client = await client_for(service)
+    (delivery,) = (await client.get("/v1/deliveries"))["deliveries"]
+    assert delivery["state"] == "pending"
+    assert delivery["last_error"] == "sink 'gateway' is not configured: waiting until it is again"
+    assert any("1 pending deliveries to sink 'gateway'" in r.getMessage() for r in caplog.records)
+    await service.stop()
+
+    service = await make_service(with_sink)  # the sink is back: the delivery waits on it as before
+    client = await client_for(service)
+    (delivery,) = (await client.get("/v1/deliveries"))["deliveries"]
+    assert (delivery["state"], delivery["last_error"]) == ("pending", None)
+    assert len((await client.get("/v1/sinks/gateway/results"))["results"]) == 1
+
+
+async def test_an_application_whose_program_is_not_there_is_said_at_start(tmp_path, make_service, caplog):
+    apps = [
+        {"id": "typo", "command": ["no-such-program-for-mwm"], "timeout": "1h"},
+        {"id": "moved", "command": ["./apps/gone.sh"], "timeout": "1h"},
+        {"id": "fine", "command": ["python", "-c", "pass"], "timeout": "1h"},
+    ]
+    await make_service(base_config(tmp_path, apps=apps))
+    warnings = sorted(
+        r.getMessage() for r in caplog.records if r.name == "mwm.service" and "application" in r.getMessage()
+    )
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("application 'moved': ./apps/gone.sh does not exist (from ")
+    assert warnings[1] == (
+        "application 'typo': 'no-such-program-for-mwm' is not on the PATH; its jobs will fail until it is there"
+    )
+
+
 async def test_a_crashing_application_is_failed_with_its_exception_first(
     tmp_path, make_service, client_for, small_study
 ):

@@ -74,6 +74,24 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def missing_program(options: LocalOptions, base_dir: Path) -> str | None:
+    """Why the application's program cannot be started as things are now, or None: a name not
+    on the PATH its jobs get (mwm's interpreter's folder first), or a path that is no file."""
+    program = options.command[0]
+    cwd = base_dir / options.cwd if options.cwd else base_dir
+    if os.sep in program:
+        path = cwd / program
+        if not path.is_file():
+            return f"{program} does not exist (from {cwd})"
+        if not os.access(path, os.X_OK):
+            return f"{program} is not executable"
+        return None
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    if shutil.which(program, path=options.env.get("PATH", search)) is None:
+        return f"{program!r} is not on the PATH"
+    return None
+
+
 _MARKERS = re.compile(r"^\s*[\^~]+\s*$")  # Python's pointers under the failing expression
 
 
