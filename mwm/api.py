@@ -390,7 +390,7 @@ class _Budget:
             raise PayloadTooLarge(f"the upload is larger than the limit of {self.limit} bytes")
 
 
-async def _spool(service: Service, chunks: AsyncIterator[bytes], budget: _Budget) -> Received:
+async def _spool(service: Service, chunks: AsyncIterator[bytes | memoryview], budget: _Budget) -> Received:
     """Receive one instance into the staging folder; nothing is left behind if it fails."""
     spool = service.ingestor.spool()
     try:

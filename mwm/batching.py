@@ -107,7 +107,9 @@ class GroupCommit(Generic[Item, Result]):
             error = RuntimeError(f"group commit answered {len(results or ())} results for {len(batch)} items")
         values: Sequence[Result | None] = results if error is None and results is not None else [None] * len(batch)
         answers = list(zip(batch, values, strict=True))
-        on_loop = [(waiter, result) for (_, waiter), result in answers if isinstance(waiter, asyncio.Future)]
+        on_loop: list[tuple[asyncio.Future[Result], Result | None]] = [
+            (waiter, result) for (_, waiter), result in answers if isinstance(waiter, asyncio.Future)
+        ]
         for (_, waiter), result in answers:
             if isinstance(waiter, concurrent.futures.Future) and not waiter.done():
                 if error is None:
@@ -121,7 +123,7 @@ class GroupCommit(Generic[Item, Result]):
         except RuntimeError:  # the event loop is closed: nobody is waiting any more
             pass
 
-    def _answer(self, answers: list[tuple[Waiter[Result], Result | None]], error: BaseException | None) -> None:
+    def _answer(self, answers: list[tuple[asyncio.Future[Result], Result | None]], error: BaseException | None) -> None:
         for future, result in answers:
             if future.done():
                 continue

@@ -146,7 +146,7 @@ REQUIRED_UIDS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "ser
 TEXTS = ("patient_id", "modality", "series_description", "body_part", "study_date", "accession_number")
 
 
-def _from_walk(buf: bytes | memoryview | mmap.mmap, size: int | None = None) -> InstanceHeaders | None:
+def _from_walk(buf: bytes | bytearray | memoryview | mmap.mmap, size: int | None = None) -> InstanceHeaders | None:
     """The headers by the fast reader, when it is sure of the file and every UID is valid
     (``buf`` may be only the beginning of a file of ``size`` bytes)."""
     found = part10.read_attributes(buf, size)
@@ -162,10 +162,10 @@ def _from_walk(buf: bytes | memoryview | mmap.mmap, size: int | None = None) -> 
     )
 
 
-def read_headers_in_pieces(pieces: Sequence[bytes | memoryview], size: int) -> InstanceHeaders:
+def read_headers_in_pieces(pieces: Sequence[bytes | bytearray | memoryview], size: int) -> InstanceHeaders:
     """``read_headers`` of a file received in pieces, without joining them when the fast reader
     finds what it needs in the first ones (it nearly always does: it reads element headers only)."""
-    head: bytes | memoryview = pieces[0] if pieces else b""
+    head: bytes | bytearray | memoryview = pieces[0] if pieces else b""
     if len(head) < HEAD_SIZE and len(pieces) > 1:
         taken, length = [], 0
         for piece in pieces:

@@ -551,7 +551,7 @@ class _StagingDIMSE(DIMSEServiceProvider):
         if not limit or len(pdu) - 6 <= limit:
             cast(AssociationSocket, self.dul.socket).send(pdu)
         else:
-            response = C_STORE()
+            response: Any = C_STORE()  # pynetdicom's stubs type its fields None
             response.MessageIDBeingRespondedTo = request.MessageID
             response.AffectedSOPClassUID = request.AffectedSOPClassUID
             response.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
@@ -708,7 +708,7 @@ class _PromptRequestHandler(_RequestHandler):
     def _create_association(self) -> Association:
         server = cast(_Server, self.server)
         assoc = _PromptAssociation(self.ae, server.staging)
-        assoc.dimse.store_handler = server.store_handler
+        cast(_StagingDIMSE, assoc.dimse).store_handler = server.store_handler
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(_PromptSocket(assoc, cast(socket.socket, self.request), assoc.wake))

@@ -15,9 +15,9 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 
 def _pidfds_work() -> bool:
@@ -90,15 +90,18 @@ async def start(
     stderr into ``stdout``. On a worker thread: ``Popen`` returns only once the child has replaced
     itself with the program (a millisecond or more), which the event loop need not wait for."""
     loop = asyncio.get_running_loop()
-    call = functools.partial(
-        subprocess.Popen,
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=dict(env),
-        start_new_session=True,
+    call = cast(
+        "Callable[[], subprocess.Popen[bytes]]",  # a string: not evaluated (tests replace Popen)
+        functools.partial(
+            subprocess.Popen,
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+        ),
     )
     starting = loop.run_in_executor(None, call)
     try:

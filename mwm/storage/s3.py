@@ -175,6 +175,10 @@ def _error_code(exc: ClientError) -> tuple[str, int]:
     return str(error.get("Code", "")), status
 
 
+#: Storage keys (``list`` is also a method of the storage, which would shadow the type inside it).
+Keys = list[str]
+
+
 class S3Storage(Storage):
     """Objects in one S3 bucket, under an optional prefix."""
 
@@ -534,9 +538,9 @@ class S3Storage(Storage):
             return [base]
         return keys
 
-    async def _list_under(self, base: str) -> list[str]:
+    async def _list_under(self, base: str) -> Keys:
         """Keys strictly under ``base/`` (S3 lists them in key order), with pagination."""
-        keys: list[str] = []
+        keys: Keys = []
         with self._errors("list", base):
             paginator = self._s3.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self._root}{base}/"):
