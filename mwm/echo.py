@@ -23,6 +23,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -33,12 +34,18 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
 class AssociationFailed(Exception):
-    """No association: ``unreachable`` when no TCP connection could be made at all."""
+    """No association: ``unreachable`` when no TCP connection could be made at all,
+    ``no_context`` when the peer accepted none of the presentation contexts proposed."""
 
-    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+    def __init__(self, message: str, *, unreachable: bool = False, no_context: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.unreachable = unreachable
+        self.no_context = no_context
+
+
+#: A-ABORT sources (PS3.8 9.3.8).
+_ABORT_SOURCES = {0: "service user", 2: "service provider"}
 
 
 @dataclass(frozen=True)
@@ -135,11 +142,18 @@ def request_association(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     connected = False
+    peer_abort: A_ABORT_RQ | None = None
     started = time.monotonic()
 
     def on_open(event: evt.Event) -> None:
         nonlocal connected
         connected = True
+
+    def on_pdu(event: evt.Event) -> None:
+        nonlocal peer_abort
+        pdu = getattr(event, "pdu", None)
+        if isinstance(pdu, A_ABORT_RQ):
+            peer_abort = pdu
 
     try:
         assoc = ae.associate(
@@ -149,7 +163,7 @@ def request_association(
             ae_title=target.ae_title,
             max_pdu=max_pdu,
             tls_args=(tls, target.host) if tls is not None else None,
-            evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_PDU_RECV, on_pdu)],
         )
     except socket.gaierror as exc:  # pynetdicom resolves the host name first
         raise AssociationFailed(f"cannot resolve {target.host!r}: {exc.strerror or exc}", unreachable=True) from None
@@ -163,13 +177,16 @@ def request_association(
             raise AssociationFailed(no_answer, unreachable=True)
         # A quick failure (refused, no route): one more attempt, bounded, tells which.
         raise AssociationFailed(_connection_error(target, min(timeout, 2.0)), unreachable=True)
-    if assoc.is_aborted:
-        answer = assoc.acceptor.primitive
-        if isinstance(answer, A_ASSOCIATE) and answer.result == 0x00 and not assoc.accepted_contexts:
-            raise AssociationFailed("the destination accepts none of the presentation contexts proposed")
-        if time.monotonic() - started >= 0.9 * timeout:
-            raise AssociationFailed(f"no answer to the association request within {timeout:g} s")
-        raise AssociationFailed("the destination aborted the association or closed the connection during negotiation")
+    answer = assoc.acceptor.primitive
+    if isinstance(answer, A_ASSOCIATE) and answer.result == 0x00 and not assoc.accepted_contexts:
+        # Accepted, but with every presentation context refused (pynetdicom then aborts).
+        raise AssociationFailed("the destination accepts none of the presentation contexts proposed", no_context=True)
+    if peer_abort is not None:
+        code = peer_abort.source
+        source = _ABORT_SOURCES.get(code, f"source {code}") if code is not None else "no source given"
+        raise AssociationFailed(f"the destination aborted the association request ({source})")
+    if assoc.is_aborted and time.monotonic() - started < 0.9 * timeout:
+        raise AssociationFailed("the destination closed the connection during association negotiation")
     raise AssociationFailed(f"no answer to the association request within {timeout:g} s")
 
 

@@ -50,7 +50,6 @@ import shutil
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +68,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import _config, build_context, evt
+from pynetdicom import _config, build_context
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from ..echo import AssociationFailed, RequestorAE, Target, request_association
@@ -93,7 +90,6 @@ _UNCOMPRESSED = frozenset(
 _ALTERNATIVES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: Binary VRs whose values are kept as bytes, by their word size (swapped between endiannesses).
 _WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-_ABORT_SOURCES = {0: "service user", 2: "service provider"}
 
 
 def _check_aet(value: str, where: str) -> None:
@@ -205,25 +201,6 @@ def converted(path: Path, syntax: str) -> Dataset:
     # nothing is written in the stored encoding).
     ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian)
     return ds
-
-
-class _RequestorAE(RequestorAE):
-    """Keeps the association it requested and any A-ABORT the destination sent during it."""
-
-    def __init__(self, ae_title: str) -> None:
-        super().__init__(ae_title=ae_title)
-        self.association: Association | None = None
-        self.peer_abort: A_ABORT_RQ | None = None
-
-    def associate(self, *args: Any, **kwargs: Any) -> Association:
-        kwargs["evt_handlers"] = [*(kwargs.get("evt_handlers") or []), (evt.EVT_PDU_RECV, self._on_pdu)]
-        self.association = super().associate(*args, **kwargs)
-        return self.association
-
-    def _on_pdu(self, event: evt.Event) -> None:
-        pdu = getattr(event, "pdu", None)
-        if isinstance(pdu, A_ABORT_RQ):
-            self.peer_abort = pdu
 
 
 @dataclass
@@ -353,8 +330,7 @@ class DicomSink(Sink):
     def _send_over_one_association(self, pairs: dict[tuple[str, str], list[_Item]]) -> list[DeliveryOutcome]:
         options = self.options
         contexts = [build_context(sop_class, proposed_syntaxes(syntax)) for sop_class, syntax in pairs]
-        ae = _RequestorAE(options.calling_aet)
-        started = time.monotonic()
+        ae = RequestorAE(ae_title=options.calling_aet)
         try:
             assoc = request_association(
                 ae,
@@ -365,7 +341,7 @@ class DicomSink(Sink):
                 tls=self._tls,
             )
         except AssociationFailed as exc:
-            return self._not_associated(ae, exc, pairs, time.monotonic() - started)
+            return self._not_associated(exc, pairs)
         with self._lock:
             self._current = assoc
         try:
@@ -377,38 +353,24 @@ class DicomSink(Sink):
                 assoc.release()
 
     def _not_associated(
-        self, ae: _RequestorAE, exc: AssociationFailed, pairs: dict[tuple[str, str], list[_Item]], elapsed: float
+        self, exc: AssociationFailed, pairs: dict[tuple[str, str], list[_Item]]
     ) -> list[DeliveryOutcome]:
-        """The outcomes of a batch for which no association could be established."""
-        assoc = ae.association
-        timeout = float(self.options.timeout)
-        message, retryable = exc.message, True
-        if assoc is not None and not exc.unreachable:
-            answer = assoc.acceptor.primitive
-            # A rejection, even "rejected-permanent", is retried: it most often means the
-            # destination does not know mwm yet, and once it does the results go through by
-            # themselves (within delivery.max_attempts). Its message says which it was.
-            if assoc.is_rejected:
-                message = exc.message
-            elif isinstance(answer, A_ASSOCIATE) and answer.result == 0x00 and not assoc.accepted_contexts:
-                # Accepted, but with every presentation context refused (pynetdicom then aborts).
-                log.warning("sink %s: %s accepts none of the presentation contexts proposed", self.id, self.target)
-                outcomes = []
-                for (sop_class, syntax), group in pairs.items():
-                    refused = no_context_message(sop_class, proposed_syntaxes(syntax))
-                    outcomes += [DeliveryOutcome(i.delivery.delivery_id, "failed", refused, False) for i in group]
-                return outcomes
-            elif ae.peer_abort is not None:
-                code = ae.peer_abort.source
-                source = _ABORT_SOURCES.get(code, f"source {code}") if code is not None else "no source given"
-                message = f"the destination aborted the association request ({source})"
-            elif elapsed >= 0.9 * timeout:
-                message = f"no answer to the association request within {timeout:g} s"
-            elif assoc.is_aborted:
-                message = "the destination closed the connection during association negotiation"
-        log.warning("sink %s: %s: %s", self.id, self.target, message)
+        """The outcomes of a batch for which no association could be established: for good
+        when the destination takes none of the presentation contexts, naming them; retried
+        otherwise. A rejection, even "rejected-permanent", is retried: it most often means the
+        destination does not know mwm yet, and once it does the results go through by themselves
+        (within delivery.max_attempts). Its message says which it was."""
+        log.warning("sink %s: %s: %s", self.id, self.target, exc.message)
+        if exc.no_context:
+            return [
+                DeliveryOutcome(
+                    item.delivery.delivery_id, "failed", no_context_message(sop_class, proposed_syntaxes(syntax)), False
+                )
+                for (sop_class, syntax), group in pairs.items()
+                for item in group
+            ]
         return [
-            DeliveryOutcome(item.delivery.delivery_id, "failed", f"{self.target}: {message}", retryable)
+            DeliveryOutcome(item.delivery.delivery_id, "failed", f"{self.target}: {exc.message}", True)
             for group in pairs.values()
             for item in group
         ]
