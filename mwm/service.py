@@ -25,7 +25,7 @@ from .datalock import FolderLock
 from .db import Database
 from .delivery import DeliveryService, create_sinks
 from .engines import EngineRegistry
-from .engines.local import log_tail, missing_program
+from .engines.local import log_tail
 from .errors import ConfigError, MwmError, ShuttingDown, StorageFull
 from .ingest import Ingestor
 from .jobs import JobService, job_log_key
@@ -153,13 +153,12 @@ class Service:
             self._failure = exc
             self._stop.set()
 
-    def _warn_of_missing_programs(self) -> None:
-        """An application of the local engine whose program is not there yet is not refused (it
-        may be installed later), but said at once rather than at its first job."""
+    async def _warn_of_application_problems(self) -> None:
+        """An application its engine cannot run as things are now (a program not installed yet)
+        is not refused, it may be fixed later; but it is said at once rather than at its first job."""
         for app in self.apps.all():
-            if app.engine != "local":
-                continue
-            problem = missing_program(self.apps.engine_options(app.id), Path.cwd())
+            engine = await self.engines.get(app.engine)
+            problem = engine.problem(self.apps.engine_options(app.id))
             if problem is not None:
                 log.warning("application %r: %s; its jobs will fail until it is there", app.id, problem)
 
@@ -207,7 +206,6 @@ class Service:
             sinks = create_sinks(settings, self.storage, self.base_dir)
             self.apps = AppRegistry(self.db, settings, build_engine_options)
             await self.apps.load()
-            self._warn_of_missing_programs()
 
             self.delivery = DeliveryService(settings=settings, db=self.db, sinks=sinks, metrics=self.metrics)
             await self.delivery.open()
@@ -217,6 +215,7 @@ class Service:
             stack.push_async_callback(self.engines.close)
             for engine_name in sorted({app.engine for app in self.apps.all()} | set(settings.engines)):
                 await self.engines.get(engine_name)  # engine settings are checked at start-up
+            await self._warn_of_application_problems()
 
             self.jobs = JobService(
                 settings=settings,

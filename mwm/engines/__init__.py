@@ -128,6 +128,11 @@ class Engine(ABC):
     @abstractmethod
     async def collect(self, ctx: JobContext, ref: str) -> Path: ...
 
+    def problem(self, options: Any) -> str | None:
+        """Why an application with these options cannot run as things are now (a program not
+        installed, say), or None; said at start-up, without refusing it (it may be fixed later)."""
+        return None
+
     async def abandon(self, ctx: JobContext) -> None:
         """Stop what an interrupted ``launch`` may have started before its reference was recorded."""
 

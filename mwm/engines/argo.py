@@ -54,7 +54,7 @@ from .argo_workflow import (
     workflow_name,
     workflow_status,
 )
-from .local import log_tail
+from .local import failure_message, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -640,7 +640,8 @@ class ArgoEngine(Engine):
         if status.state == "failed":
             tail = await asyncio.to_thread(log_tail, ctx.log_path)
             if tail:
-                status = EngineStatus("failed", message=f"{status.message}\n{tail}", exit_code=status.exit_code)
+                message = failure_message(status.message or "failed", tail)
+                status = EngineStatus("failed", message=message, exit_code=status.exit_code)
             entry.status = status
         return status
 

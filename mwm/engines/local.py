@@ -149,6 +149,9 @@ class LocalEngine(Engine):
         self.base_dir = Path.cwd()
         self._processes: dict[str, children.Child] = {}
 
+    def problem(self, options: LocalOptions) -> str | None:
+        return missing_program(options, self.base_dir)
+
     def _environment(self, ctx: JobContext, options: LocalOptions) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MWM_")}
         # "python" in a command means the interpreter mwm runs in (its virtual environment).
