@@ -91,6 +91,11 @@ def instance_key(headers: InstanceHeaders) -> str:
     return key("instances", headers.study_instance_uid, headers.series_instance_uid, name)
 
 
+def instance_uid_of(file_name: str) -> str:
+    """The SOP Instance UID in the name of a file ``instance_key`` made (``<uid>.<unique>.dcm``)."""
+    return file_name.removesuffix(".dcm").rsplit(".", 1)[0]
+
+
 @dataclass
 class Received:
     """A complete instance, hashed, with its headers, or why it cannot be stored.

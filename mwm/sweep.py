@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .db import Database
+from .ingest import instance_uid_of
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,8 @@ def candidates(root: Path, since: float, before: float) -> Iterator[Candidate]:
                     if not entry.name.endswith(".dcm") or not entry.is_file(follow_symlinks=False):
                         continue
                     if since <= entry.stat(follow_symlinks=False).st_mtime < before:
-                        # Named <SOP Instance UID>.<unique>.dcm (see ingest.instance_key).
-                        uid = entry.name[: -len(".dcm")].rsplit(".", 1)[0]
                         key = f"instances/{study.name}/{series.name}/{entry.name}"
-                        yield Candidate(key, uid, Path(entry.path))
+                        yield Candidate(key, instance_uid_of(entry.name), Path(entry.path))
 
 
 def _folders(path: Path) -> list[os.DirEntry[str]]:

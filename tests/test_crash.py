@@ -27,6 +27,7 @@ import pytest
 import synthetic
 
 from mwm.faults import POINTS
+from mwm.ingest import instance_uid_of
 
 APP = (
     "import os, pathlib\n"
@@ -205,7 +206,7 @@ async def check(box, files, uid_of, acked, jobs, pulled, studies) -> None:
     # Nothing half-written under a real name.
     for path in (storage / "instances").rglob("*"):
         if path.is_file():
-            uid = path.name.split(".dcm")[0].rsplit(".", 1)[0]  # <uid>.<random>.dcm
+            uid = instance_uid_of(path.name)
             assert path.read_bytes() == sent[uid], f"{path} is not a complete instance"
     # Nothing left over: a file placed before the crash but never recorded was swept after the restart.
     keys = {row["storage_key"] for row in recorded.values()}
