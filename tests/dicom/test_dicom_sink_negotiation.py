@@ -55,6 +55,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from mwm.sinks import DeliveryOutcome
 from mwm.sinks.dicom import proposed_syntaxes
+from mwm.storage.local import LocalStorage
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
@@ -109,6 +110,15 @@ def scp(folder: Path, supported: dict[str, Sequence[str]], *, maximum_associatio
         yield peer
     finally:
         server.shutdown()
+
+
+async def deliver_to(peer: Peer, storage: LocalStorage, tmp_path: Path, batch: Any) -> list[DeliveryOutcome]:
+    """``batch`` delivered by a ``dicom`` sink to ``peer``, over one association."""
+    sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
+    try:
+        return await sink.deliver(batch)
+    finally:
+        await sink.close()
 
 
 @contextlib.contextmanager
@@ -258,11 +268,7 @@ async def test_uncompressed_result_is_sent_in_the_transfer_syntax_the_destinatio
     assert stored_syntax != accepted
     batch = await results(storage, [path], extra_text=False)
     with scp(tmp_path / "peer", {CT_IMAGE_STORAGE: [accepted], MR_IMAGE_STORAGE: [accepted]}) as peer:
-        sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
-        try:
-            outcomes = await sink.deliver(batch)
-        finally:
-            await sink.close()
+        outcomes = await deliver_to(peer, storage, tmp_path, batch)
     assert [(o.state, o.error) for o in outcomes] == [("delivered", None)]
     assert peer.proposed == [[(str(stored.SOPClassUID), proposed_syntaxes(stored_syntax))]]
     received_path = peer.received[str(stored.SOPInstanceUID)]
@@ -304,11 +310,7 @@ async def test_a_result_that_cannot_be_converted_losslessly_fails_for_good(tmp_p
     path = big_endian_with_a_private_un(encoded["explicit"].path, tmp_path / "big-endian-un.dcm")
     batch = await results(storage, [path], extra_text=False)
     with scp(tmp_path / "peer", {CT_IMAGE_STORAGE: [ImplicitVRLittleEndian]}) as peer:
-        sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
-        try:
-            (outcome,) = await sink.deliver(batch)
-        finally:
-            await sink.close()
+        (outcome,) = await deliver_to(peer, storage, tmp_path, batch)
     assert (outcome.state, outcome.retryable) == ("failed", False)
     assert outcome.error == (
         "cannot convert the stored result to Implicit VR Little Endian: "
@@ -325,11 +327,7 @@ async def test_segmentation_to_a_ct_only_destination_fails_for_good(tmp_path, st
     seg = segmentation_from(encoded["explicit"].path, tmp_path / "seg.dcm")
     batch = await results(storage, [seg], extra_text=False)
     with scp(tmp_path / "peer", {CT_IMAGE_STORAGE: UNCOMPRESSED}) as peer:
-        sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
-        try:
-            (outcome,) = await sink.deliver(batch)
-        finally:
-            await sink.close()
+        (outcome,) = await deliver_to(peer, storage, tmp_path, batch)
     assert (outcome.state, outcome.retryable) == ("failed", False)
     assert outcome.error == (
         "the destination accepts no presentation context for Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4) "
@@ -344,11 +342,7 @@ async def test_a_refused_sop_class_fails_for_good_and_the_rest_of_the_batch_is_d
     paths = [encoded["explicit"].path, seg, encoded["rle"].path, encoded["implicit"].path]
     batch = await results(storage, paths, extra_text=False)
     with scp(tmp_path / "peer", {CT_IMAGE_STORAGE: [ExplicitVRLittleEndian, ImplicitVRLittleEndian]}) as peer:
-        sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
-        try:
-            outcomes = await sink.deliver(batch)
-        finally:
-            await sink.close()
+        outcomes = await deliver_to(peer, storage, tmp_path, batch)
     assert outcome_of(outcomes) == [("delivered", True), ("failed", False), ("failed", False), ("delivered", True)]
     assert "Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.4)" in str(outcomes[1].error)
     assert str(outcomes[2].error).endswith("for CT Image Storage (1.2.840.10008.5.1.4.1.1.2) in RLE Lossless")
@@ -371,11 +365,9 @@ async def test_a_transient_rejection_is_retryable(tmp_path, storage, encoded):
         other.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
         busy = other.associate("127.0.0.1", peer.port, ae_title=peer.ae_title)
         assert busy.is_established
-        sink = await dicom_sink(storage, tmp_path, ae_title=peer.ae_title, host="127.0.0.1", port=peer.port)
         try:
-            (outcome,) = await sink.deliver(batch)
+            (outcome,) = await deliver_to(peer, storage, tmp_path, batch)
         finally:
-            await sink.close()
             busy.release()
     assert (outcome.state, outcome.retryable) == ("failed", True)
     assert outcome.error == (

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,21 +303,28 @@ async def test_unknown_calling_ae_title_is_rejected(tmp_path, make_service, clie
     assert 'mwm_dicom_associations_rejected_total{reason="calling_aet"} 3.0' in await metrics_text(client)
 
 
-async def test_too_many_associations_are_refused_transiently(tmp_path, make_service, caplog):
-    service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
+@contextlib.asynccontextmanager
+async def holding_the_only_association(port: int) -> AsyncIterator[None]:
+    """An association to mwm held open (by pynetdicom) for as long as the block runs."""
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
-    first = await asyncio.to_thread(ae.associate, "127.0.0.1", service.dicom_port, ae_title="MWM")
+    held = await asyncio.to_thread(ae.associate, "127.0.0.1", port, ae_title="MWM")
     try:
-        assert first.is_established
+        assert held.is_established
+        yield
+    finally:
+        await asyncio.to_thread(held.release)
+
+
+async def test_too_many_associations_are_refused_transiently(tmp_path, make_service, caplog):
+    service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
+    async with holding_the_only_association(service.dicom_port):
         result = await echoscu(service.dicom_port)
         assert result.returncode != 0
         assert "local limit exceeded" in result.output.lower(), result.output
         assert scp_warnings(caplog) == [
             "DICOM association from ECHOSCU@127.0.0.1 refused: too many associations (1 open, at most 1)"
         ]
-    finally:
-        await asyncio.to_thread(first.release)
     await eventually(lambda: _zero(service.dicom.associations), timeout=5, what="association closed")
     assert (await echoscu(service.dicom_port)).returncode == 0
     assert service.metrics.dicom_associations_rejected.labels("limit")._value.get() == 1
@@ -328,17 +336,11 @@ async def test_a_rejection_pynetdicom_makes_itself_is_logged_once(tmp_path, make
 
     monkeypatch.setattr(scp, "_open_associations", lambda assoc: 1)  # as if the other one had not started yet
     service = await make_service(scp_config(tmp_path, dicom={"max_associations": 1}))
-    ae = AE(ae_title="HOLDER")
-    ae.add_requested_context(Verification)
-    first = await asyncio.to_thread(ae.associate, "127.0.0.1", service.dicom_port, ae_title="MWM")
-    try:
-        assert first.is_established
+    async with holding_the_only_association(service.dicom_port):
         result = await echoscu(service.dicom_port)
         assert result.returncode != 0
         assert "local limit exceeded" in result.output.lower(), result.output
         assert scp_warnings(caplog) == ["DICOM association from ECHOSCU@127.0.0.1 refused: local limit exceeded"]
-    finally:
-        await asyncio.to_thread(first.release)
 
 
 async def test_disk_pressure_refuses_new_associations_transiently(tmp_path, make_service):
