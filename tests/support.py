@@ -19,6 +19,10 @@ T = TypeVar("T")
 ServiceFactory = Callable[..., Awaitable[Service]]
 
 
+#: An application script that writes one result, r.txt.
+WRITE_R = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
+
+
 def base_config(tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A configuration on the embedded defaults, in ``tmp_path``, listening on an ephemeral port."""
     config: dict[str, Any] = {

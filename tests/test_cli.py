@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import ROOT, SAMPLE_APP, base_config, python_app, url_of
+from support import ROOT, SAMPLE_APP, WRITE_R, base_config, python_app, url_of
 
 MWM = [sys.executable, "-m", "mwm"]
 
@@ -201,7 +201,7 @@ async def test_a_job_waiting_to_be_retried_says_when(tmp_path, make_service, sma
 
 
 async def test_failed_deliveries_are_retried_together(tmp_path, make_service, small_study) -> None:
-    script = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
+    script = WRITE_R
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the sink wants a folder")
     config = base_config(

@@ -7,13 +7,11 @@ import sys
 import time
 
 import pytest
-from support import base_config, eventually, post_raw, python_app, upload_files, wait_jobs
+from support import WRITE_R, base_config, eventually, post_raw, python_app, upload_files, wait_jobs
 
 from mwm.client import ClientError
 from mwm.errors import StorageError
 from mwm.storage import StorageUsage
-
-WRITE_R = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
 
 
 async def test_disk_pressure_refuses_uploads_but_jobs_and_deliveries_go_on(

@@ -14,7 +14,7 @@ from typing import Any
 import pydicom
 import pytest
 import synthetic
-from support import SAMPLE_APP, base_config, eventually, python_app, upload_files, wait_job_state, wait_jobs
+from support import SAMPLE_APP, WRITE_R, base_config, eventually, python_app, upload_files, wait_job_state, wait_jobs
 
 from mwm.client import ClientError
 
@@ -213,7 +213,7 @@ async def test_late_arrivals_join_the_whole_study_when_the_application_asks(
 async def test_deliveries_to_a_sink_taken_out_of_the_configuration_wait_and_say_why(
     tmp_path, make_service, client_for, small_study, caplog
 ):
-    script = "import os; open(os.environ['HOLOSCAN_OUTPUT_PATH'] + '/r.txt', 'w').write('r')"
+    script = WRITE_R
     with_sink = base_config(
         tmp_path,
         apps=[python_app("ct", script, timeout="100ms", sinks=["gateway"])],
